@@ -1,0 +1,28 @@
+# Kiln: `make demo` and `make test` are the two commands a new user needs (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Installed first and on its own: an unpinned torch resolves to several GB of CUDA packages.
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.kiln-installed
+
+.PHONY: setup test lint format
+
+setup: $(STAMP)
+
+# Re-installs only when the project's metadata or this recipe changed.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
+	$(PY) -m pip install -q $(TORCH)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	@touch $@
+
+test: setup
+	$(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .

@@ -1,0 +1,1 @@
+"""Kiln data pipeline: read, clean, deduplicate, tokenise and shard corpora (Ray Data)."""

@@ -1,0 +1,1 @@
+"""Kiln pretraining: configuration, model, parallel layout, training engine, export."""

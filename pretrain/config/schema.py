@@ -1,0 +1,325 @@
+"""The typed configuration of a Kiln run: one pydantic model per section, one root model.
+
+Field-level rules (types, signs, choices) live on the fields; rules that tie fields of one
+section together live on that section; rules across sections and the world size live on
+`KilnConfig`. `KilnConfig.model_validate(tree, context={"world_size": N})` checks them all
+and fills in the derived values (data-parallel size, gradient accumulation, defaults that
+depend on the architecture), so a validated configuration is a resolved one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationInfo,
+    model_validator,
+)
+
+from data_pipeline.config import ConfigSection, DataConfig, TokenizerConfig, rule_violation
+
+DEFAULT_VOCAB_SIZE = 32000
+
+
+class ModelConfig(ConfigSection):
+    """A decoder-only transformer. `llama`: RMSNorm, RoPE, SwiGLU, GQA, no biases.
+    `gpt`: LayerNorm, learned positions, GELU, biases."""
+
+    arch: Literal["llama", "gpt"] = "llama"
+    num_layers: PositiveInt
+    hidden_size: PositiveInt
+    num_heads: PositiveInt
+    num_kv_heads: PositiveInt | None = Field(default=None, description="Defaults to num_heads.")
+    ffn_hidden_size: PositiveInt | None = Field(
+        default=None, description="Defaults to 4h (gpt) or 8h/3 rounded up to 256 (llama)."
+    )
+    vocab_size: PositiveInt
+    max_seq_length: PositiveInt
+    rope_base: PositiveFloat = 10000.0
+    tie_embeddings: bool | None = Field(default=None, description="Defaults: gpt yes, llama no.")
+    norm_eps: PositiveFloat = 1e-5
+    init_std: PositiveFloat = 0.02
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self) -> ModelConfig:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = default_ffn_hidden_size(self.arch, self.hidden_size)
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.arch == "gpt"
+        if self.hidden_size % self.num_heads:
+            raise rule_violation(
+                "hidden_size",
+                self.hidden_size,
+                f"must be divisible by model.num_heads ({self.num_heads})",
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise rule_violation(
+                "num_kv_heads",
+                self.num_kv_heads,
+                f"must divide model.num_heads ({self.num_heads})",
+            )
+        if self.arch == "llama" and (self.hidden_size // self.num_heads) % 2:
+            raise rule_violation(
+                "hidden_size",
+                self.hidden_size,
+                "rotary embeddings need an even head size (hidden_size / num_heads)",
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def default_ffn_hidden_size(arch: str, hidden_size: int) -> int:
+    """4h for GPT; for Llama, SwiGLU's 2/3 of 4h rounded up to a multiple of 256."""
+    if arch == "gpt":
+        return 4 * hidden_size
+    return 256 * math.ceil(int(8 * hidden_size / 3) / 256)
+
+
+class ParallelConfig(ConfigSection):
+    """Rank layout: tensor-parallel rank varies fastest, then data-parallel, then stage."""
+
+    tensor: PositiveInt = 1
+    pipeline: PositiveInt = 1
+    data: PositiveInt | None = Field(
+        default=None, description="Data-parallel size; derived from the world size when unset."
+    )
+    zero_stage: int = Field(default=1, ge=0, le=3)
+    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+
+    @model_validator(mode="after")
+    def _zero_with_pipeline(self) -> ParallelConfig:
+        if self.pipeline > 1 and self.zero_stage >= 2:
+            raise rule_violation(
+                "zero_stage",
+                self.zero_stage,
+                f"ZeRO stage 2 and 3 do not work with pipeline parallelism "
+                f"(parallel.pipeline = {self.pipeline}); use stage 0 or 1",
+            )
+        return self
+
+
+class TrainConfig(ConfigSection):
+    micro_batch_size: PositiveInt = 1
+    global_batch_size: PositiveInt | None = Field(
+        default=None, description="Sequences per optimizer step; defaults to micro x data-parallel."
+    )
+    gradient_accumulation_steps: PositiveInt | None = Field(
+        default=None, description="Derived from the global batch when unset."
+    )
+    seq_length: PositiveInt | None = Field(
+        default=None, description="Defaults to model.max_seq_length."
+    )
+    steps: PositiveInt = 1000
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: NonNegativeInt = 1234
+    activation_checkpointing: bool = False
+
+
+class OptimConfig(ConfigSection):
+    """AdamW with linear warmup, then a cosine, linear or constant schedule down to min_lr."""
+
+    lr: PositiveFloat = 3e-4
+    min_lr: NonNegativeFloat = 3e-5
+    warmup_steps: NonNegativeInt = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: NonNegativeFloat = 0.1
+    grad_clip: NonNegativeFloat = Field(default=1.0, description="0 disables clipping.")
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
+    eps: PositiveFloat = 1e-8
+
+    @model_validator(mode="after")
+    def _min_below_peak(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise rule_violation("min_lr", self.min_lr, f"must not exceed optim.lr ({self.lr})")
+        return self
+
+
+class CheckpointConfig(ConfigSection):
+    interval: NonNegativeInt = Field(default=1000, description="Steps between saves; 0: at end.")
+    keep: PositiveInt = 2
+
+
+class EvalConfig(ConfigSection):
+    interval: NonNegativeInt = Field(default=1000, description="Steps between evaluations; 0: off.")
+    batches: PositiveInt = 10
+
+
+class WandbConfig(ConfigSection):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "kiln"
+    entity: str | None = None
+    name: str | None = None
+
+
+class LoggingConfig(ConfigSection):
+    interval: PositiveInt = Field(default=10, description="Steps between log lines.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class ClusterConfig(ConfigSection):
+    """Where the processes run. On GPU nodes a node runs one process per GPU."""
+
+    scheduler: Literal["local", "slurm", "k8s", "ray"] = "local"
+    nodes: PositiveInt = 1
+    gpus_per_node: NonNegativeInt = 0
+    procs_per_node: PositiveInt | None = Field(
+        default=None, description="Processes per CPU-only node; on GPU nodes, gpus_per_node."
+    )
+
+    @model_validator(mode="after")
+    def _gpus_or_procs(self) -> ClusterConfig:
+        if self.gpus_per_node and self.procs_per_node not in (None, self.gpus_per_node):
+            raise rule_violation(
+                "procs_per_node",
+                self.procs_per_node,
+                f"GPU nodes run one process per GPU (cluster.gpus_per_node = "
+                f"{self.gpus_per_node}); set one of the two",
+            )
+        return self
+
+    @property
+    def world_size(self) -> int | None:
+        per_node = self.procs_per_node or self.gpus_per_node
+        return self.nodes * per_node if per_node else None
+
+
+class KilnConfig(ConfigSection):
+    """The whole run configuration. `model` is optional so that data-only configs validate."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig | None = None
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self, info: ValidationInfo) -> KilnConfig:
+        world_size = (info.context or {}).get("world_size")
+        self._check_tokenizer()
+        if self.model is not None:
+            self._check_model_against_layout()
+        self._resolve_data_parallel(world_size)
+        self._resolve_batch()
+        if self.optim.warmup_steps > self.train.steps:
+            raise rule_violation(
+                "optim.warmup_steps",
+                self.optim.warmup_steps,
+                f"must not exceed train.steps ({self.train.steps})",
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        assert self.parallel.data is not None  # filled in by validation
+        return self.parallel.tensor * self.parallel.pipeline * self.parallel.data
+
+    def _check_tokenizer(self) -> None:
+        model_vocab = self.model.vocab_size if self.model else None
+        if self.tokenizer.vocab_size is None:
+            self.tokenizer.vocab_size = model_vocab or DEFAULT_VOCAB_SIZE
+        elif (
+            model_vocab and self.tokenizer.path is None and self.tokenizer.vocab_size > model_vocab
+        ):
+            raise rule_violation(
+                "tokenizer.vocab_size",
+                self.tokenizer.vocab_size,
+                f"must not exceed model.vocab_size ({model_vocab}): "
+                "the embedding needs a row for every token",
+            )
+
+    def _check_model_against_layout(self) -> None:
+        model, par, train = self.model, self.parallel, self.train
+        assert model is not None
+        divisible_by_tensor = {
+            "model.num_heads": model.num_heads,
+            "model.num_kv_heads": model.num_kv_heads,
+            "model.ffn_hidden_size": model.ffn_hidden_size,
+        }
+        for key, value in divisible_by_tensor.items():
+            if value % par.tensor:
+                raise rule_violation("parallel.tensor", par.tensor, f"must divide {key} ({value})")
+        if model.num_layers < par.pipeline:
+            raise rule_violation(
+                "parallel.pipeline",
+                par.pipeline,
+                f"cannot exceed model.num_layers ({model.num_layers}): every stage needs a layer",
+            )
+        if train.seq_length is None:
+            train.seq_length = model.max_seq_length
+        elif train.seq_length > model.max_seq_length:
+            raise rule_violation(
+                "train.seq_length",
+                train.seq_length,
+                f"must not exceed model.max_seq_length ({model.max_seq_length})",
+            )
+
+    def _resolve_data_parallel(self, world_size: int | None) -> None:
+        par = self.parallel
+        model_parallel = par.tensor * par.pipeline
+        source = "the world size"
+        if world_size is None and self.cluster.world_size is not None:
+            world_size, source = self.cluster.world_size, "cluster.nodes x processes per node"
+        if world_size is None:
+            par.data = par.data or 1
+            return
+        if par.data is not None:
+            if model_parallel * par.data != world_size:
+                raise rule_violation(
+                    "parallel.data",
+                    par.data,
+                    f"{source} ({world_size}) must equal parallel.tensor x parallel.pipeline x "
+                    f"parallel.data ({par.tensor} x {par.pipeline} x {par.data})",
+                )
+            return
+        if world_size % model_parallel:
+            raise rule_violation(
+                "parallel.tensor",
+                par.tensor,
+                f"{source} ({world_size}) must be a multiple of parallel.tensor x "
+                f"parallel.pipeline ({par.tensor} x {par.pipeline})",
+            )
+        par.data = world_size // model_parallel
+
+    def _resolve_batch(self) -> None:
+        train, dp = self.train, self.parallel.data
+        assert dp is not None
+        per_step = train.micro_batch_size * dp
+        if train.global_batch_size is None:
+            train.gradient_accumulation_steps = train.gradient_accumulation_steps or 1
+            train.global_batch_size = per_step * train.gradient_accumulation_steps
+        elif train.gradient_accumulation_steps is not None:
+            expected = per_step * train.gradient_accumulation_steps
+            if train.global_batch_size != expected:
+                raise rule_violation(
+                    "train.global_batch_size",
+                    train.global_batch_size,
+                    f"must equal train.micro_batch_size x train.gradient_accumulation_steps x "
+                    f"data-parallel size ({train.micro_batch_size} x "
+                    f"{train.gradient_accumulation_steps} x {dp} = {expected})",
+                )
+        elif train.global_batch_size % per_step:
+            raise rule_violation(
+                "train.global_batch_size",
+                train.global_batch_size,
+                f"must be a multiple of train.micro_batch_size x data-parallel size "
+                f"({train.micro_batch_size} x {dp} = {per_step})",
+            )
+        else:
+            train.gradient_accumulation_steps = train.global_batch_size // per_step

@@ -1,0 +1,75 @@
+"""Closed-form sizes of a Kiln model: parameter count and padded vocabulary.
+
+With h = hidden size, L = layers, V = vocabulary rows, f = FFN hidden size,
+k = num_kv_heads x head size (the width of K and of V), S = max sequence length:
+
+    llama, per layer:  attention  h(h + 2k) + h*h          (Q, K, V, output; no biases)
+                       SwiGLU MLP 3*h*f                     (gate, up, down)
+                       2 RMSNorm  2h
+           whole model: L * per-layer + V*h (embedding) + h (final norm) + V*h if untied
+
+    gpt, per layer:    attention  h(h + 2k) + (h + 2k) + h*h + h    (weights and biases)
+                       GELU MLP   2*h*f + f + h
+                       2 LayerNorm 4h                       (weight and bias each)
+           whole model: L * per-layer + V*h + S*h (learned positions) + 2h (final norm)
+                        + V*h if untied
+
+This matches the published sizes: GPT-3 125M/350M/1.3B with V = 50257 and Llama-2 7B/13B
+(6.74 B, 13.0 B) with V = 32000. The model pads V up to a multiple of 128 x tensor-parallel
+size (`padded_vocab_size`); pass the padded size to count the tensors the model really holds.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+VOCAB_PAD_MULTIPLE = 128
+
+
+class ModelShape(Protocol):
+    arch: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int | None
+    ffn_hidden_size: int | None
+    vocab_size: int
+    max_seq_length: int
+    tie_embeddings: bool | None
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1) -> int:
+    """Vocabulary rows after Megatron's padding to a multiple of 128 x TP."""
+    multiple = VOCAB_PAD_MULTIPLE * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def count_parameters(model: ModelShape, vocab_size: int | None = None) -> int:
+    """Parameters of `model` (a validated ModelConfig) with `vocab_size` rows (default: its own)."""
+    h, n_layers = model.hidden_size, model.num_layers
+    vocab = model.vocab_size if vocab_size is None else vocab_size
+    f = model.ffn_hidden_size
+    kv_heads = model.num_kv_heads
+    assert f is not None and kv_heads is not None, "count a validated ModelConfig"
+    k = kv_heads * (h // model.num_heads)
+
+    if model.arch == "llama":
+        attention = h * (h + 2 * k) + h * h
+        mlp = 3 * h * f
+        norms = 2 * h
+        rest = vocab * h + h
+    else:
+        attention = h * (h + 2 * k) + (h + 2 * k) + h * h + h
+        mlp = 2 * h * f + f + h
+        norms = 4 * h
+        rest = vocab * h + model.max_seq_length * h + 2 * h
+    output_layer = 0 if model.tie_embeddings else vocab * h
+    return n_layers * (attention + mlp + norms) + rest + output_layer
+
+
+def human_count(n: int) -> str:
+    """6738415616 -> '6.74B'; 7096576 -> '7.10M'."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
