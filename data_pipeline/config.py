@@ -6,12 +6,25 @@ imports `pretrain`, so the shared base class and the rule-violation helper live 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 RULE_ERROR = "kiln_rule"
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+# n-gram sizes as mapping keys: YAML and JSON dumps write them as text, so "5" reads as 5.
+NgramSize = Annotated[int, Field(ge=1, le=64, strict=False)]
 
 
 def rule_violation(key: str, value: Any, rule: str) -> PydanticCustomError:
@@ -35,8 +48,130 @@ class BlendEntry(ConfigSection):
     weight: PositiveFloat = 1.0
 
 
+class InputConfig(ConfigSection):
+    """One corpus: a file, directory, glob or fsspec URL (s3://, gs://, ...), or `stdlib://`,
+    the source files of this Python's standard library (real text present on every machine)."""
+
+    path: str
+    format: Literal["auto", "jsonl", "parquet", "text"] = Field(
+        default="auto", description="auto: from the file name (.jsonl[.gz|.zst], .parquet, .txt)"
+    )
+    text_field: str = Field(default="text", description="JSON / Parquet field holding the text.")
+    text_mode: Literal["document", "line"] = Field(
+        default="document", description="Plain text: one document per file, or per line."
+    )
+    weight: PositiveFloat = Field(
+        default=1.0,
+        description="Copies of each kept document in the shards: 2.0 writes each twice, "
+        "0.5 keeps a deterministic half (the rest counted as filtered by `input_weight`).",
+    )
+    limit: PositiveInt | None = Field(
+        default=None, description="Read at most this many documents from this input."
+    )
+
+
+class NormalizeConfig(ConfigSection):
+    unicode_nfc: bool = True
+    whitespace: bool = Field(
+        default=True,
+        description="\\r\\n to \\n, no trailing spaces, at most one blank line in a row, "
+        "control characters removed, no leading or trailing blank lines.",
+    )
+
+
+class FilterConfig(ConfigSection):
+    """Document filters. Each threshold is one rule, named by its key in the manifest's counts;
+    `null` switches that rule off. Defaults are Gopher's (Rae et al. 2021) for web text."""
+
+    enabled: bool = True
+    min_chars: NonNegativeInt | None = None
+    max_chars: PositiveInt | None = None
+    min_words: NonNegativeInt | None = 50
+    max_words: PositiveInt | None = 100_000
+    min_mean_word_length: NonNegativeFloat | None = 3.0
+    max_mean_word_length: PositiveFloat | None = 10.0
+    max_symbol_word_ratio: NonNegativeFloat | None = Field(
+        default=0.1, description="('#' + '...' / '…') per word"
+    )
+    max_bullet_lines_ratio: Fraction | None = 0.9
+    max_ellipsis_lines_ratio: Fraction | None = 0.3
+    min_alpha_words_ratio: Fraction | None = Field(
+        default=0.8, description="words holding at least one letter"
+    )
+    max_duplicate_line_fraction: Fraction | None = 0.3
+    max_duplicate_paragraph_fraction: Fraction | None = 0.3
+    max_duplicate_line_char_fraction: Fraction | None = 0.2
+    max_duplicate_paragraph_char_fraction: Fraction | None = 0.2
+    max_top_ngram_char_fraction: dict[NgramSize, Fraction] | None = Field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
+        description="n -> largest share of characters covered by the most frequent word n-gram",
+    )
+    max_duplicate_ngram_char_fraction: dict[NgramSize, Fraction] | None = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> largest share of characters inside word n-grams seen more than once",
+    )
+
+    def active_rules(self) -> dict[str, object]:
+        """The rules that are on, by name, with their thresholds."""
+        if not self.enabled:
+            return {}
+        return {
+            name: value
+            for name, value in self.model_dump().items()
+            if name != "enabled" and value is not None
+        }
+
+
+class ExactDedupConfig(ConfigSection):
+    enabled: bool = True
+
+
+class NearDedupConfig(ConfigSection):
+    """MinHash + LSH over token n-grams: documents agreeing on every row of some band are
+    candidates; a candidate pair whose estimated Jaccard similarity reaches `threshold` is a
+    near duplicate, and of each cluster only the earliest document is kept."""
+
+    enabled: bool = True
+    ngram: PositiveInt = 5
+    bands: PositiveInt = 14
+    rows: PositiveInt = 8
+    threshold: Fraction = 0.8
+    seed: NonNegativeInt = 1
+
+
+class DedupConfig(ConfigSection):
+    exact: ExactDedupConfig = Field(default_factory=ExactDedupConfig)
+    near: NearDedupConfig = Field(default_factory=NearDedupConfig)
+
+
+class TokenizeConfig(ConfigSection):
+    batch_documents: PositiveInt = Field(default=256, description="Documents per encode batch.")
+    max_piece_chars: PositiveInt = Field(
+        default=100_000,
+        description="Longer documents are cut (at a space between words where possible) into "
+        "pieces of at most this many characters, encoded separately, so that time and memory "
+        "stay bounded.",
+    )
+    actors: PositiveInt | None = Field(
+        default=None, description="Tokeniser actors; default: from the CPUs Ray reports."
+    )
+
+
+class ShardConfig(ConfigSection):
+    max_tokens: PositiveInt = Field(
+        default=250_000_000, description="A shard is closed once it holds this many tokens."
+    )
+    validation_fraction: float = Field(
+        default=0.01,
+        ge=0.0,
+        lt=1.0,
+        description="Share of documents for validation, chosen by a hash of each document's "
+        "text: stable when the corpus grows.",
+    )
+
+
 class DataConfig(ConfigSection):
-    """Where the training shards are: one prepared directory, or a weighted blend of several."""
+    """Where the training shards are, and how `kiln data prepare` makes them."""
 
     path: str | None = Field(
         default=None, description="Directory written by `kiln data prepare` (shards + manifest)."
@@ -44,6 +179,20 @@ class DataConfig(ConfigSection):
     blend: list[BlendEntry] | None = Field(
         default=None, description="Several prepared directories mixed by weight."
     )
+    inputs: list[InputConfig] = Field(default_factory=list)
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inputs_may_be_paths(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("inputs"), list):
+            inputs = [{"path": i} if isinstance(i, str) else i for i in data["inputs"]]
+            data = {**data, "inputs": inputs}
+        return data
 
     @model_validator(mode="after")
     def _path_or_blend(self) -> DataConfig:
@@ -55,7 +204,8 @@ class DataConfig(ConfigSection):
 
 
 class TokenizerConfig(ConfigSection):
-    """The tokenizer: trained by the data pipeline, or loaded from an existing tokenizer.json."""
+    """The tokenizer: a byte-level BPE trained on a sample of the cleaned corpus, or an existing
+    tokenizer.json loaded as it is."""
 
     vocab_size: int | None = Field(
         default=None,
@@ -65,3 +215,17 @@ class TokenizerConfig(ConfigSection):
     path: str | None = Field(
         default=None, description="An existing tokenizer.json to load instead of training one."
     )
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
+    eos_token: str = Field(default="<|endoftext|>", description="Appended after each document.")
+    train_sample_mb: PositiveFloat = Field(
+        default=64.0, description="Megabytes of cleaned text to train the tokenizer on."
+    )
+    min_frequency: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _eos_is_special(self) -> TokenizerConfig:
+        if self.path is None and self.eos_token not in self.special_tokens:
+            raise rule_violation(
+                "eos_token", self.eos_token, "must be one of tokenizer.special_tokens"
+            )
+        return self

@@ -1,0 +1,1 @@
+"""Pipeline steps: each small, each counting what it did."""
