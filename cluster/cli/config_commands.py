@@ -22,8 +22,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         sub.set_defaults(handler=handler)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """CONFIG, key=value overrides and --world-size: shared by every command taking a config."""
+def add_config_arguments(parser: argparse.ArgumentParser, world_size: bool = True) -> None:
+    """CONFIG, key=value overrides (and --world-size): shared by every command taking a config."""
     parser.add_argument("config", metavar="CONFIG", help="YAML file, e.g. configs/train/tiny.yaml")
     parser.add_argument(
         "overrides",
@@ -31,6 +31,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="key=value",
         help="Dotted overrides typed by the schema, e.g. model.num_layers=4 parallel.tensor=2",
     )
+    if not world_size:
+        return
     parser.add_argument(
         "--world-size",
         type=int,

@@ -1,0 +1,126 @@
+"""`kiln data prepare CONFIG ...` and `kiln data inspect DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pretrain.config import dump_config, load_config
+from pretrain.config.errors import ConfigError
+
+from .config_commands import add_config_arguments
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="Prepare corpora into training shards; inspect them.")
+    actions = data.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    prepare = actions.add_parser(
+        "prepare",
+        help="Read, clean, deduplicate and tokenise corpora into Megatron shards (on Ray).",
+    )
+    add_config_arguments(prepare, world_size=False)
+    prepare.add_argument(
+        "--input",
+        action="append",
+        metavar="PATH",
+        help="A corpus (file, directory, glob, URL or stdlib://); repeatable; replaces "
+        "data.inputs.",
+    )
+    prepare.add_argument("--output", metavar="DIR", help="Output directory; default data.path.")
+    prepare.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="An existing Ray cluster (e.g. 127.0.0.1:6379); default: start Ray on this machine.",
+    )
+    prepare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace data prepared earlier in DIR with another configuration.",
+    )
+    prepare.add_argument("--no-progress", action="store_true", help="No live progress display.")
+    prepare.set_defaults(handler=_prepare)
+
+    inspect = actions.add_parser("inspect", help="Show a prepared directory's manifest.")
+    inspect.add_argument("directory", metavar="DIR")
+    inspect.add_argument("--samples", type=int, default=3, metavar="N", help="Documents to show.")
+    inspect.add_argument(
+        "--plot", metavar="PNG", help="Histogram path; default DIR/document_lengths.png."
+    )
+    inspect.set_defaults(handler=_inspect)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from data_pipeline.inspect import summary_tables
+    from data_pipeline.readers import InputError
+    from data_pipeline.runner import PrepareError, prepare
+    from data_pipeline.tokenizer import TokenizerError
+
+    overrides = list(args.overrides)
+    if args.input:
+        overrides.append("data.inputs=" + _yaml_list(args.input))
+    if args.output:
+        overrides.append(f"data.path={args.output}")
+    cfg = load_config(args.config, overrides)
+    if cfg.data.path is None:
+        raise ConfigError("data.path = None: set data.path or pass --output DIR")
+    output = Path(cfg.data.path)
+    try:
+        manifest = prepare(
+            cfg.data,
+            cfg.tokenizer,
+            output,
+            resolved_config=cfg.model_dump(mode="json"),
+            ray_address=args.ray_address,
+            overwrite=args.overwrite,
+            show_progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except (InputError, PrepareError, TokenizerError) as error:
+        print(f"kiln: {error}", file=sys.stderr)
+        return 2
+    (output / "config.yaml").write_text(dump_config(cfg))
+    console = Console()
+    for table in summary_tables(manifest):
+        console.print(table)
+    console.print(f"shards, tokenizer.json and manifest.json are in {output}")
+    return 0
+
+
+def _yaml_list(paths: list[str]) -> str:
+    import json
+
+    return json.dumps([{"path": p} for p in paths])
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.panel import Panel
+
+    from data_pipeline.inspect import (
+        NotPreparedError,
+        document_lengths,
+        plot_length_histogram,
+        read_manifest,
+        sample_documents,
+        summary_tables,
+    )
+
+    directory = Path(args.directory)
+    try:
+        manifest = read_manifest(directory)
+    except NotPreparedError as error:
+        print(f"kiln: {error}", file=sys.stderr)
+        return 2
+    console = Console()
+    for table in summary_tables(manifest):
+        console.print(table)
+    for index, text in enumerate(sample_documents(directory, manifest, args.samples)):
+        shown = text if len(text) <= 800 else text[:800] + " [...]"
+        console.print(Panel(shown, title=f"train document {index}", expand=False), markup=False)
+    plot = Path(args.plot) if args.plot else directory / "document_lengths.png"
+    plot_length_histogram(document_lengths(directory, manifest), plot)
+    console.print(f"document length histogram: {plot}")
+    return 0

@@ -1,0 +1,202 @@
+"""`kiln data prepare` and `kiln data inspect` as a user runs them: errors before Ray starts,
+resume after SIGKILL at several points, and a Ray cluster started with `ray start --head`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from tests.conftest import kiln_executable, run_kiln
+from tests.corpus import distinct_documents, near_copy, write_jsonl
+
+OUTPUTS = ("tokenizer.json", "quarantine.jsonl")
+
+
+@pytest.fixture(scope="module")
+def corpus_config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    rng, words, texts = distinct_documents(seed=21, count=400)
+    for i in range(8):  # eight parts, so that kills land between parts
+        chunk = texts[i * 50 : (i + 1) * 50]
+        extra = [texts[i * 3], near_copy(rng, texts[i * 5], words, 0.02)] if i else []
+        write_jsonl(root / "corpus" / f"part{i}.jsonl", chunk + extra)
+    config = {
+        "data": {
+            "path": str(root / "default-out"),
+            "inputs": [str(root / "corpus")],
+            "shards": {"max_tokens": 15_000, "validation_fraction": 0.05},
+        },
+        "tokenizer": {"vocab_size": 1024, "train_sample_mb": 1},
+    }
+    path = root / "data.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def prepare_command(config: Path, output: Path, *extra: str) -> list[str]:
+    return [kiln_executable(), "data", "prepare", str(config), "--output", str(output), *extra]
+
+
+def output_bytes(output: Path) -> dict[str, bytes]:
+    names = sorted(p.name for p in output.iterdir() if p.suffix in (".bin", ".idx"))
+    return {name: (output / name).read_bytes() for name in [*names, *OUTPUTS]}
+
+
+def manifest_without_timings(output: Path) -> dict:
+    """The manifest less what may differ between two runs: timings and the output path."""
+    manifest = json.loads((output / "manifest.json").read_text())
+    manifest.pop("timings_s")
+    manifest["config"]["data"].pop("path")
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_config, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("reference") / "out"
+    result = subprocess.run(
+        prepare_command(corpus_config, output), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def test_prepare_prints_a_summary_and_inspect_shows_it(reference, kiln):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["counts"]["exact_duplicates"] == 7
+    assert manifest["counts"]["near_duplicates"] == 7
+    assert (reference / "config.yaml").exists()
+    result = kiln("data", "inspect", str(reference), "--samples", "2")
+    assert result.returncode == 0, result.stderr
+    assert "exact duplicates" in result.stdout and "train_00000" in result.stdout
+    assert "train document 1" in result.stdout
+    png = reference / "document_lengths.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_of_a_directory_without_manifest(kiln, tmp_path):
+    result = kiln("data", "inspect", str(tmp_path))
+    assert result.returncode == 2
+    assert "no manifest.json" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("problem", "args", "message"),
+    [
+        ("missing input", ["--input", "/nonexistent/corpus.jsonl"], "/nonexistent/corpus.jsonl"),
+        ("empty directory", ["--input", "{empty}"], "{empty}"),
+        ("bad config", ["data.dedup.near.bands=0"], "data.dedup.near.bands = 0"),
+        ("unknown key", ["data.filters.min_word=3"], "did you mean data.filters.min_words"),
+        ("no ray there", ["--ray-address", "127.0.0.1:{closed}"], "cannot reach the Ray cluster"),
+    ],
+)
+def test_user_mistakes_are_one_line_before_ray_starts(
+    corpus_config, tmp_path, problem, args, message
+):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a.replace("{empty}", str(empty)).replace("{closed}", str(free_port())) for a in args]
+    started = time.monotonic()
+    result = run_kiln(*prepare_command(corpus_config, tmp_path / "out", *args)[1:])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message.replace("{empty}", str(empty)) in lines[0], lines
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 15  # no Ray start: these fail in the planning step
+    assert not (tmp_path / "out" / ".work" / "clean").exists()  # no stage ran
+
+
+def kill_when(command: list[str], marker: Path, timeout: float = 300) -> None:
+    """Start `command`, SIGKILL its whole process group as soon as `marker` exists."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not marker.exists():
+            if process.poll() is not None:
+                pytest.fail(f"finished before {marker.name} appeared (rc {process.returncode})")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{marker} did not appear")
+            time.sleep(0.005)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+# Kill points: inside the read stage, after exact dedup, after the tokenizer, inside the
+# tokenisation stage, inside the shard stage.
+KILL_POINTS = [
+    ".work/clean/part_000002.json",
+    ".work/exact/drop.npy",
+    "tokenizer.json",
+    ".work/tokens/part_000003.json",
+    ".work/shards/train_00001.json",
+]
+
+
+def test_resume_after_sigkill_gives_identical_bytes(corpus_config, reference, tmp_path):
+    output = tmp_path / "killed"
+    command = prepare_command(corpus_config, output, "--no-progress")
+    for point in KILL_POINTS:
+        kill_when(command, output / point)
+        assert not (output / "manifest.json").exists()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert output_bytes(output) == output_bytes(reference)
+    assert manifest_without_timings(output) == manifest_without_timings(reference)
+    assert not list(output.rglob("*.tmp*"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_against_a_ray_head_started_on_loopback(corpus_config, reference, tmp_path):
+    ray = str(Path(sys.executable).parent / "ray")
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert start.returncode == 0, start.stderr
+    try:
+        output = tmp_path / "cluster"
+        address = f"127.0.0.1:{port}"
+        result = subprocess.run(
+            prepare_command(corpus_config, output, "--ray-address", address),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert output_bytes(output) == output_bytes(reference)
+        manifest = json.loads((output / "manifest.json").read_text())
+        assert len(IndexedDataset(str(output / manifest["shards"][0]["name"]))) > 0
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)

@@ -1,0 +1,255 @@
+"""The data pipeline end to end on a real local Ray: what comes out of `prepare` is exactly the
+kept documents, in Megatron's format, deterministic, with counts that reconcile."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from data_pipeline.format import ShardReader
+from data_pipeline.runner import PrepareError, prepare
+from data_pipeline.tokenizer import file_sha256, load_tokenizer
+from pretrain.config import validate_tree
+from tests.corpus import distinct_documents, near_copy, write_jsonl
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def config(inputs, **data):
+    tree = {
+        "data": {
+            "inputs": inputs,
+            "shards": {"max_tokens": 20_000, "validation_fraction": 0.1},
+            **data,
+        },
+        "tokenizer": {"vocab_size": 1024, "train_sample_mb": 1},
+    }
+    return validate_tree(tree)
+
+
+def run(cfg, output: Path, **kwargs) -> dict:
+    return prepare(
+        cfg.data, cfg.tokenizer, output, cfg.model_dump(mode="json"), show_progress=False, **kwargs
+    )
+
+
+def shard_documents(output: Path, manifest: dict) -> dict[str, list[str]]:
+    """Every document in the shards, decoded, by split (EOS checked and removed)."""
+    tokenizer = load_tokenizer(output / "tokenizer.json", "<|endoftext|>")
+    eos = manifest["tokenizer"]["eos_id"]
+    out: dict[str, list[str]] = {"train": [], "valid": []}
+    for shard in manifest["shards"]:
+        reader = ShardReader(output / shard["name"])
+        for i in range(len(reader)):
+            ids = reader[i].tolist()
+            assert ids[-1] == eos and eos not in ids[:-1]
+            out[shard["split"]].append(tokenizer.decode(ids[:-1], skip_special_tokens=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """200 distinct documents, plus 10 exact and 10 near copies of some of them in a later file."""
+    root = tmp_path_factory.mktemp("planted")
+    rng, words, texts = distinct_documents(seed=7, count=200)
+    exact = [texts[i] for i in range(0, 100, 10)]
+    near = [near_copy(rng, texts[i], words, 0.02) for i in range(5, 105, 10)]
+    write_jsonl(root / "corpus" / "a.jsonl", texts[:120])
+    write_jsonl(root / "corpus" / "b.jsonl.gz", texts[120:] + exact + near, compress=True)
+    cfg = config([str(root / "corpus")])
+    output = root / "out"
+    return {"cfg": cfg, "texts": texts, "output": output, "manifest": run(cfg, output)}
+
+
+def test_planted_duplicates_are_removed_and_everything_else_kept(planted):
+    counts = planted["manifest"]["counts"]
+    assert counts == {
+        "in": 220,
+        "kept": 200,
+        "filtered": {},
+        "exact_duplicates": 10,
+        "near_duplicates": 10,
+        "malformed": 0,
+    }
+    documents = shard_documents(planted["output"], planted["manifest"])
+    written = documents["train"] + documents["valid"]
+    assert sorted(written) == sorted(planted["texts"])  # each original exactly once
+
+
+def test_shards_are_megatron_readable_and_match_the_manifest(planted):
+    output, manifest = planted["output"], planted["manifest"]
+    assert len(manifest["shards"]) > 2  # max_tokens is small: several shards per split
+    assert {s["split"] for s in manifest["shards"]} == {"train", "valid"}
+    for shard in manifest["shards"]:
+        dataset = IndexedDataset(str(output / shard["name"]))
+        assert len(dataset) == shard["documents"]
+        assert int(dataset.sequence_lengths.sum()) == shard["tokens"]
+        assert file_sha256(output / f"{shard['name']}.bin") == shard["bin_sha256"]
+        assert file_sha256(output / f"{shard['name']}.idx") == shard["idx_sha256"]
+    assert manifest["tokenizer"]["dtype"] == "uint16"
+
+
+def test_validation_split_is_stable_when_the_corpus_grows(planted, tmp_path):
+    grown = tmp_path / "grown"
+    _, _, extra = distinct_documents(seed=99, count=40)
+    write_jsonl(grown / "a.jsonl", planted["texts"][:120])
+    write_jsonl(grown / "b.jsonl", planted["texts"][120:] + extra)
+    cfg = config([str(grown)], dedup={"near": {"enabled": False}})
+    manifest = run(cfg, tmp_path / "out")
+    before = set(shard_documents(planted["output"], planted["manifest"])["valid"])
+    after = set(shard_documents(tmp_path / "out", manifest)["valid"])
+    assert before and before <= after  # every earlier validation document is still one
+
+
+def test_two_runs_write_identical_bytes(planted, tmp_path):
+    manifest = run(planted["cfg"], tmp_path / "again")
+    for shard in planted["manifest"]["shards"]:
+        for suffix in (".bin", ".idx"):
+            name = shard["name"] + suffix
+            assert (tmp_path / "again" / name).read_bytes() == (
+                planted["output"] / name
+            ).read_bytes()
+    for name in ("tokenizer.json", "quarantine.jsonl"):
+        assert (tmp_path / "again" / name).read_bytes() == (planted["output"] / name).read_bytes()
+    assert {**manifest, "timings_s": None} == {**planted["manifest"], "timings_s": None}
+
+
+def test_a_finished_output_is_not_redone_and_a_foreign_one_is_refused(planted, tmp_path):
+    again = run(planted["cfg"], planted["output"])
+    assert again == planted["manifest"]
+    other = config(planted["cfg"].data.model_dump()["inputs"], shards={"max_tokens": 999})
+    with pytest.raises(PrepareError, match="--overwrite"):
+        run(other, planted["output"])
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(PrepareError, match="not a Kiln data directory"):
+        run(other, stranger, overwrite=True)
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_weights_and_limits(tmp_path):
+    _, _, texts = distinct_documents(seed=3, count=120)
+    write_jsonl(tmp_path / "double.jsonl", texts[:40])
+    write_jsonl(tmp_path / "half.jsonl", texts[40:100])
+    write_jsonl(tmp_path / "limited.jsonl", texts[100:])
+    cfg = config(
+        [
+            {"path": str(tmp_path / "double.jsonl"), "weight": 2.0},
+            {"path": str(tmp_path / "half.jsonl"), "weight": 0.5},
+            {"path": str(tmp_path / "limited.jsonl"), "limit": 7},
+        ]
+    )
+    manifest = run(cfg, tmp_path / "out")
+    counts = manifest["counts"]
+    assert counts["in"] == 40 + 60 + 7
+    dropped = counts["filtered"]["input_weight"]
+    assert 15 < dropped < 45  # about half of the 60
+    assert counts["kept"] == 40 + (60 - dropped) + 7
+    written = shard_documents(tmp_path / "out", manifest)
+    everything = written["train"] + written["valid"]
+    assert all(everything.count(t) == 2 for t in texts[:40])
+    assert sum(everything.count(t) for t in texts[40:100]) == 60 - dropped
+    assert [t for t in texts[100:] if t in everything] == texts[100:107]
+    weights_step = next(s for s in manifest["steps"] if s["step"] == "weights")
+    assert weights_step == {"step": "weights", "removed": dropped, "extra_copies": 40}
+
+
+def test_every_kind_of_bad_input_is_quarantined_and_counted(tmp_path):
+    corpus = tmp_path / "bad"
+    _, _, texts = distinct_documents(seed=5, count=12)
+    good = [json.dumps({"text": t}) for t in texts[:6]]
+    lines = [
+        good[0],
+        "{not json",  # malformed JSON
+        "[1, 2, 3]",  # not an object
+        json.dumps({"body": "no text field"}),
+        json.dumps({"text": None}),
+        json.dumps({"text": 42}),
+        json.dumps({"text": "   "}),
+        json.dumps({"text": "has a NUL \u0000 byte " + texts[6]}),
+        good[1],
+    ]
+    corpus.mkdir()
+    (corpus / "mixed.jsonl").write_bytes(
+        ("\n".join(lines) + "\n").encode() + b'{"text": "bad utf-8 \xff\xfe"}\n' + good[2].encode()
+    )
+    (corpus / "empty.jsonl").write_bytes(b"")
+    whole = gzip.compress(("\n".join(good[3:6]) + "\n").encode(), mtime=0)
+    (corpus / "truncated.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])
+    (corpus / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    write_jsonl(corpus / "fine.jsonl", texts[7:12])
+    manifest = run(config([str(corpus)], dedup={"near": {"enabled": False}}), tmp_path / "out")
+    counts = manifest["counts"]
+    lines = (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()
+    quarantine = [json.loads(line) for line in lines]
+    assert counts["malformed"] == len(quarantine)
+    reasons = " | ".join(q["reason"] for q in quarantine).lower()
+    for expected in ("json", "object", "missing", "null", "string", "empty", "nul", "utf-8"):
+        assert expected in reasons, expected
+    assert "truncated" in reasons or "gzip" in reasons
+    assert {Path(q["source"]).name for q in quarantine} >= {
+        "mixed.jsonl",
+        "empty.jsonl",
+        "truncated.jsonl.gz",
+        "latin1.txt",
+    }
+    assert all(q["location"] for q in quarantine)
+    mixed = [q for q in quarantine if q["source"].endswith("mixed.jsonl")]
+    assert len(mixed) == 8  # every bad line of mixed.jsonl, each once
+    kept_documents = shard_documents(tmp_path / "out", manifest)
+    kept = kept_documents["train"] + kept_documents["valid"]
+    assert texts[0] in kept and texts[1] in kept and texts[2] in kept  # around the bad lines
+    assert set(texts[7:12]) <= set(kept)
+    assert counts["in"] == counts["kept"] + counts["malformed"] + sum(counts["filtered"].values())
+
+
+def test_near_duplicates_across_files_keep_the_earliest(tmp_path):
+    rng, words, texts = distinct_documents(seed=11, count=30)
+    original = texts[0]
+    copies = [near_copy(rng, original, words, 0.01) for _ in range(4)]
+    write_jsonl(tmp_path / "c" / "1.jsonl", texts[1:15] + [original])
+    write_jsonl(tmp_path / "c" / "2.jsonl", [copies[0], *texts[15:], copies[1]])
+    write_jsonl(tmp_path / "c" / "3.jsonl", copies[2:])
+    manifest = run(config([str(tmp_path / "c")]), tmp_path / "out")
+    assert manifest["counts"]["near_duplicates"] == 4
+    written = shard_documents(tmp_path / "out", manifest)
+    everything = written["train"] + written["valid"]
+    assert original in everything and not set(copies) & set(everything)
+    near = next(s for s in manifest["steps"] if s["step"] == "near_dedup")
+    assert near["similar_pairs"] >= 4
+
+
+def test_token_dtype_follows_the_vocabulary(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(70_000)}
+    vocab["<|endoftext|>"] = 70_000
+    big = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    big.pre_tokenizer = pre_tokenizers.Whitespace()
+    big.save(str(tmp_path / "big.json"))
+    _, _, texts = distinct_documents(seed=1, count=10)
+    write_jsonl(tmp_path / "c.jsonl", texts)
+    cfg = validate_tree(
+        {
+            "data": {"inputs": [str(tmp_path / "c.jsonl")]},
+            "tokenizer": {"path": str(tmp_path / "big.json")},
+        }
+    )
+    manifest = run(cfg, tmp_path / "out")
+    assert manifest["tokenizer"]["dtype"] == "int32"
+    assert manifest["tokenizer"]["source"].startswith("loaded from")
+    shard = manifest["shards"][0]
+    assert IndexedDataset(str(tmp_path / "out" / shard["name"]))[0].dtype == np.int32
