@@ -180,6 +180,11 @@ class DataConfig(ConfigSection):
         default=None, description="Several prepared directories mixed by weight."
     )
     inputs: list[InputConfig] = Field(default_factory=list)
+    part_size_mb: PositiveFloat = Field(
+        default=8.0,
+        description="Unit of parallel work: consecutive files of an input are grouped into parts "
+        "of about this size (a larger file is a part of its own).",
+    )
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)

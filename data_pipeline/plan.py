@@ -1,8 +1,10 @@
 """Turn the configured inputs into parts (units of work), and fingerprint the whole job.
 
-A part is one input file, or, for an input with a document `limit`, all of that input's files
-read in order until the limit. Part `i`'s documents get the ids `i * 2**32 + record index`, so
-sorting by id is corpus order, on every machine and in every run.
+A part is a run of consecutive files of one input totalling about `data.part_size_mb` (a larger
+file is a part alone), or, for an input with a document `limit`, all of that input's files read
+in order until the limit. Part `i`'s documents get the ids `i * 2**32 + record index`, so sorting
+by id is corpus order, on every machine and in every run; what the pipeline writes does not
+depend on where the part boundaries fall.
 """
 
 from __future__ import annotations
@@ -50,10 +52,28 @@ def plan_parts(data: DataConfig) -> list[Part]:
                 infer_format(file)
         if spec.limit is not None:
             parts.append(Part(len(parts), input_index, tuple(files), spec.limit))
-        else:
-            first = len(parts)
-            parts.extend(Part(first + i, input_index, (f,)) for i, f in enumerate(files))
+            continue
+        for group in group_files(files, int(data.part_size_mb * 1e6)):
+            parts.append(Part(len(parts), input_index, group))
     return parts
+
+
+def group_files(files: list[str], target_bytes: int) -> list[tuple[str, ...]]:
+    """Consecutive files in groups of about `target_bytes` (unknown sizes count as large)."""
+    groups: list[tuple[str, ...]] = []
+    current: list[str] = []
+    size = 0
+    for file in files:
+        file_size = _size(file)
+        file_size = target_bytes if file_size is None else file_size
+        if current and size + file_size > target_bytes:
+            groups.append(tuple(current))
+            current, size = [], 0
+        current.append(file)
+        size += file_size
+    if current:
+        groups.append(tuple(current))
+    return groups
 
 
 def fingerprint(data: DataConfig, tokenizer: TokenizerConfig, parts: list[Part]) -> str:

@@ -1,6 +1,6 @@
 """`kiln data prepare`: run the stages on Ray, resumably, and write shards plus a manifest.
 
-    read + normalise + filter   Ray Data map over parts           clean/
+    read + normalise + filter   Ray tasks over parts              clean/
     exact dedup                 Ray tasks over hash partitions    exact/
     tokenizer                   train on a hash-chosen sample, or load
     tokenise + MinHash          Ray Data actor pool over parts    tokens/
@@ -90,7 +90,7 @@ def prepare(
     with _ray(ray_address) as cpus, StageProgress(show_progress) as progress:
         timer = functools.partial(_timed, timings)
         with timer("read_clean_filter"):
-            clean = _run_clean(parts, data, work, progress)
+            clean = _run_clean(parts, data, work, cpus, progress)
         with timer("exact_dedup"):
             exact_drop = _run_exact(parts, data, work, cpus)
         with timer("tokenizer"):
@@ -216,7 +216,9 @@ def _use_token_auth_if_available() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _run_clean(parts: list[Part], data: DataConfig, work: Path, progress: StageProgress):
+def _run_clean(
+    parts: list[Part], data: DataConfig, work: Path, cpus: int, progress: StageProgress
+) -> list[dict]:
     import ray.data
 
     results = {}
@@ -230,19 +232,17 @@ def _run_clean(parts: list[Part], data: DataConfig, work: Path, progress: StageP
     task = progress.stage("read, clean, filter", total=len(parts), unit="documents")
     progress.advance(task, len(results), sum(r["in"] for r in results.values()))
     if todo:
-        by_index = {p.index: p for p in parts}
-        dataset = ray.data.from_items(
-            [{"part": p.index} for p in todo], override_num_blocks=len(todo)
-        ).map(functools.partial(_clean_row, by_index, data, str(work)), num_cpus=1)
-        for row in dataset.iter_rows():
-            result = row["result"]
+        # Plain Ray tasks: on small machines Ray Data ran these maps one at a time.
+        import ray
+
+        remote = ray.remote(clean_part).options(num_cpus=1)
+        pending = [remote.remote(part, data, work) for part in todo]
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            result = ray.get(finished[0])
             results[result["part"]] = result
             progress.advance(task, 1, result["in"])
     return [results[p.index] for p in parts]
-
-
-def _clean_row(parts: dict[int, Part], data: DataConfig, work: str, row: dict) -> dict:
-    return {"result": clean_part(parts[int(row["part"])], data, Path(work))}
 
 
 def _run_exact(parts: list[Part], data: DataConfig, work: Path, cpus: int) -> np.ndarray:
@@ -340,7 +340,9 @@ def _run_tokenize(
     task = progress.stage("tokenise", total=len(parts), unit="tokens")
     progress.advance(task, len(results), sum(r["tokens"] for r in results.values()))
     if todo:
-        actors = data.tokenize.actors or max(1, cpus - 1)  # leave a CPU for the other tasks
+        # This plan has no read tasks (the part list comes from the driver), so the pool may
+        # take every CPU without starving anything.
+        actors = data.tokenize.actors or cpus
         exact_file = work / "exact" / "drop.npy"
         dataset = ray.data.from_items(
             [{"part": p.index} for p in todo], override_num_blocks=len(todo)
@@ -353,6 +355,7 @@ def _run_tokenize(
                 "tokenizer_file": str(output / "tokenizer.json"),
                 "work": str(work),
                 "exact_drop_file": str(exact_file) if exact_file.exists() else None,
+                "threads": max(1, cpus // actors),  # no more encoding threads than CPUs
             },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=min(actors, len(todo))),

@@ -81,7 +81,7 @@ def clean_part(part: Part, data: DataConfig, work: Path) -> dict:
     quarantine: list[str] = []
     out = clean_path(work, part, ".parquet")
     tmp = out.with_name(out.name + f".tmp.{os.getpid()}")
-    with pq.ParquetWriter(tmp, CLEAN_SCHEMA, compression="zstd") as writer:
+    with pq.ParquetWriter(tmp, CLEAN_SCHEMA, compression="none") as writer:  # read once
         batch: list[tuple[int, Document]] = []
         for record_index, record in enumerate(part_records(part, data)):
             counts["in"] += 1
@@ -215,7 +215,10 @@ class PartTokenizer:
         tokenizer_file: str,
         work: str,
         exact_drop_file: str | None,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None:  # the Rust thread pool reads it when first used
+            os.environ["RAYON_NUM_THREADS"] = str(threads)
         self.parts = parts
         self.data = data
         self.work = Path(work)
