@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import fsspec
 
+from . import atomic
 from .config import DataConfig, TokenizerConfig
 from .readers import InputError, expand_input, infer_format
 
@@ -94,3 +96,30 @@ def _size(file: str) -> int | None:
         return int(fs.size(path))
     except (OSError, ValueError):
         return None
+
+
+PLAN_FILE = "plan.json"
+
+
+def save_plan(work: Path, data: DataConfig, tokenizer: TokenizerConfig, parts: list[Part]) -> None:
+    """The job as workers read it: small task arguments, one file on the shared disk."""
+    atomic.write_json(
+        work / PLAN_FILE,
+        {
+            "data": data.model_dump(mode="json"),
+            "tokenizer": tokenizer.model_dump(mode="json"),
+            "parts": [asdict(p) for p in parts],
+        },
+    )
+
+
+def load_plan(work: Path) -> tuple[DataConfig, TokenizerConfig, list[Part]]:
+    plan = atomic.read_json(work / PLAN_FILE)
+    parts = [
+        Part(p["index"], p["input_index"], tuple(p["files"]), p["limit"]) for p in plan["parts"]
+    ]
+    return (
+        DataConfig.model_validate(plan["data"], strict=False),
+        TokenizerConfig.model_validate(plan["tokenizer"], strict=False),
+        parts,
+    )

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from . import atomic
 from .config import DataConfig, TokenizerConfig
 from .format import token_dtype
 from .manifest import MANIFEST, build_manifest, reconcile
-from .plan import Part, fingerprint, plan_parts
+from .plan import Part, fingerprint, plan_parts, save_plan
 from .progress import StageProgress
 from .shards import SPLITS, SplitWriter, copies_of, split_of
 from .stages import (
@@ -85,6 +86,7 @@ def prepare(
     for sub in ("clean", "exact", "tokens", "near", "shards"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     atomic.remove_temporaries(output)
+    save_plan(work, data, tokenizer, parts)
 
     timings: dict[str, float] = {}
     with _ray(ray_address) as cpus, StageProgress(show_progress) as progress:
@@ -96,7 +98,7 @@ def prepare(
         with timer("tokenizer"):
             tokenizer_info = _run_tokenizer(parts, tokenizer, work, output, exact_drop, clean)
         with timer("tokenize"):
-            tokenized = _run_tokenize(parts, data, tokenizer, work, output, cpus, progress)
+            tokenized = _run_tokenize(parts, data, work, cpus, progress)
         with timer("near_dedup"):
             near = _run_near(parts, data, work, cpus, progress)
         with timer("shards"):
@@ -162,13 +164,14 @@ def _ray(address: str | None):
     import ray
     import ray.data
 
+    logging.getLogger("ray").setLevel(logging.ERROR)  # Kiln reports progress and errors itself
     started = False
     if not ray.is_initialized():
         try:
             ray.init(
                 address=address,
                 include_dashboard=False,
-                logging_level=logging.WARNING,
+                logging_level=logging.ERROR,
                 configure_logging=True,
             )
         except (ConnectionError, RuntimeError, ray.exceptions.RayError) as error:
@@ -184,7 +187,7 @@ def _ray(address: str | None):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
         yield max(1, int(ray.cluster_resources().get("CPU", 1)))
     finally:
@@ -319,13 +322,7 @@ def _sample(parts: list[Part], work: Path, drop: np.ndarray, share: float) -> It
 
 
 def _run_tokenize(
-    parts: list[Part],
-    data: DataConfig,
-    tokenizer: TokenizerConfig,
-    work: Path,
-    output: Path,
-    cpus: int,
-    progress: StageProgress,
+    parts: list[Part], data: DataConfig, work: Path, cpus: int, progress: StageProgress
 ) -> list[dict]:
     import ray.data
 
@@ -343,24 +340,23 @@ def _run_tokenize(
         # This plan has no read tasks (the part list comes from the driver), so the pool may
         # take every CPU without starving anything.
         actors = data.tokenize.actors or cpus
-        exact_file = work / "exact" / "drop.npy"
-        dataset = ray.data.from_items(
-            [{"part": p.index} for p in todo], override_num_blocks=len(todo)
-        ).map_batches(
-            PartTokenizer,
-            fn_constructor_kwargs={
-                "parts": parts,
-                "data": data,
-                "tokenizer": tokenizer,
-                "tokenizer_file": str(output / "tokenizer.json"),
-                "work": str(work),
-                "exact_drop_file": str(exact_file) if exact_file.exists() else None,
-                "threads": max(1, cpus // actors),  # no more encoding threads than CPUs
-            },
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(actors, len(todo))),
-            num_cpus=1,
-        )
+        with warnings.catch_warnings():
+            # max_restarts is only reachable through **ray_remote_args, deprecated in Ray 2.60
+            # (removal announced for 2.64; Kiln pins 2.60.x).
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            dataset = ray.data.from_items(
+                [{"part": p.index} for p in todo], override_num_blocks=len(todo)
+            ).map_batches(
+                PartTokenizer,
+                fn_constructor_kwargs={
+                    "work": str(work),
+                    "threads": max(1, cpus // actors),  # no more encoding threads than CPUs
+                },
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=min(actors, len(todo))),
+                num_cpus=1,
+                max_restarts=0,  # a failed run resumes from its finished parts instead
+            )
         for row in dataset.iter_rows():
             results[int(row["part"])] = {
                 "part": int(row["part"]),

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import atomic
-from .config import DataConfig, TokenizerConfig
-from .plan import PART_SHIFT, Part
+from .config import DataConfig
+from .plan import PART_SHIFT, Part, load_plan
 from .readers import read_records
 from .records import Document, Malformed, Record
 from .steps.dedup import MinHasher, candidate_pairs, text_hash
@@ -207,29 +207,21 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 class PartTokenizer:
     """Tokenise parts: a Ray Data actor, so the tokenizer is loaded once per worker."""
 
-    def __init__(
-        self,
-        parts: list[Part],
-        data: DataConfig,
-        tokenizer: TokenizerConfig,
-        tokenizer_file: str,
-        work: str,
-        exact_drop_file: str | None,
-        threads: int | None = None,
-    ) -> None:
+    def __init__(self, work: str, threads: int | None = None) -> None:
         if threads is not None:  # the Rust thread pool reads it when first used
             os.environ["RAYON_NUM_THREADS"] = str(threads)
-        self.parts = parts
-        self.data = data
         self.work = Path(work)
+        self.data, tokenizer, self.parts = load_plan(self.work)
         self.encoder = DocumentEncoder(
-            load_tokenizer(tokenizer_file, tokenizer.eos_token),
+            load_tokenizer(self.work.parent / "tokenizer.json", tokenizer.eos_token),
             tokenizer.eos_token,
-            data.tokenize.max_piece_chars,
+            self.data.tokenize.max_piece_chars,
         )
-        self.minhasher = MinHasher(data.dedup.near) if data.dedup.near.enabled else None
+        near = self.data.dedup.near
+        self.minhasher = MinHasher(near) if near.enabled else None
+        exact_drop_file = self.work / "exact" / "drop.npy"
         self.exact_drop = (
-            np.load(exact_drop_file) if exact_drop_file else np.zeros(0, dtype=np.int64)
+            np.load(exact_drop_file) if exact_drop_file.exists() else np.zeros(0, np.int64)
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

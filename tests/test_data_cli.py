@@ -3,6 +3,7 @@ resume after SIGKILL at several points, and a Ray cluster started with `ray star
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ OUTPUTS = ("tokenizer.json", "quarantine.jsonl")
 def corpus_config(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     rng, words, texts = distinct_documents(seed=21, count=400)
-    for i in range(8):  # eight parts, so that kills land between parts
+    for i in range(8):
         chunk = texts[i * 50 : (i + 1) * 50]
         extra = [texts[i * 3], near_copy(rng, texts[i * 5], words, 0.02)] if i else []
         write_jsonl(root / "corpus" / f"part{i}.jsonl", chunk + extra)
@@ -34,6 +35,7 @@ def corpus_config(tmp_path_factory) -> Path:
         "data": {
             "path": str(root / "default-out"),
             "inputs": [str(root / "corpus")],
+            "part_size_mb": 0.05,  # each ~75 kB file its own part, so kills land between parts
             "shards": {"max_tokens": 15_000, "validation_fraction": 0.05},
         },
         "tokenizer": {"vocab_size": 1024, "train_sample_mb": 1},
@@ -129,7 +131,8 @@ def kill_when(command: list[str], marker: Path, timeout: float = 300) -> None:
                 pytest.fail(f"{marker} did not appear")
             time.sleep(0.005)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 

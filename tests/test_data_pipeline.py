@@ -31,6 +31,7 @@ def config(inputs, **data):
     tree = {
         "data": {
             "inputs": inputs,
+            "part_size_mb": 0.01,  # one part per file: duplicates are found across parts
             "shards": {"max_tokens": 20_000, "validation_fraction": 0.1},
             **data,
         },
