@@ -39,6 +39,12 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def write_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes(path, buffer.getvalue())
+
+
 def write_arrays(path: Path, **arrays: np.ndarray) -> None:
     """Several numpy arrays in one uncompressed .npz."""
     buffer = io.BytesIO()

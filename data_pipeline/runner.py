@@ -22,7 +22,7 @@ import socket
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from .tokenizer import (
     file_sha256,
     load_tokenizer,
     save_tokenizer,
+    split_pieces,
     train_tokenizer,
 )
 
@@ -96,7 +97,7 @@ def prepare(
         with timer("exact_dedup"):
             exact_drop = _run_exact(parts, data, work, cpus)
         with timer("tokenizer"):
-            tokenizer_info = _run_tokenizer(parts, tokenizer, work, output, exact_drop, clean)
+            tokenizer_info = _run_tokenizer(parts, data, tokenizer, work, output, exact_drop, clean)
         with timer("tokenize"):
             tokenized = _run_tokenize(parts, data, work, cpus, progress)
         with timer("near_dedup"):
@@ -219,19 +220,25 @@ def _use_token_auth_if_available() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _run_clean(
-    parts: list[Part], data: DataConfig, work: Path, cpus: int, progress: StageProgress
-) -> list[dict]:
-    import ray.data
-
+def _finished(
+    parts: list[Part], done_file: Callable[[Part], Path]
+) -> tuple[dict[int, dict], list[Part]]:
+    """Counts of the parts a stage already finished (in an earlier run), and the parts to do."""
     results = {}
     todo = []
     for part in parts:
-        done = work / "clean" / f"{part.name}.json"
+        done = done_file(part)
         if done.exists():
             results[part.index] = atomic.read_json(done)
         else:
             todo.append(part)
+    return results, todo
+
+
+def _run_clean(
+    parts: list[Part], data: DataConfig, work: Path, cpus: int, progress: StageProgress
+) -> list[dict]:
+    results, todo = _finished(parts, lambda part: work / "clean" / f"{part.name}.json")
     task = progress.stage("read, clean, filter", total=len(parts), unit="documents")
     progress.advance(task, len(results), sum(r["in"] for r in results.values()))
     if todo:
@@ -260,7 +267,7 @@ def _run_exact(parts: list[Part], data: DataConfig, work: Path, cpus: int) -> np
     task = ray.remote(exact_duplicates)
     drops = ray.get([task.remote(parts, work, p, partitions) for p in range(partitions)])
     drop = np.sort(np.concatenate(drops)) if drops else np.zeros(0, dtype=np.int64)
-    _save(done, drop)
+    atomic.write_npy(done, drop)
     return drop
 
 
@@ -268,16 +275,9 @@ def _partitions(cpus: int) -> int:
     return max(2, 2 * cpus)
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic.write_bytes(path, buffer.getvalue())
-
-
 def _run_tokenizer(
     parts: list[Part],
+    data: DataConfig,
     cfg: TokenizerConfig,
     work: Path,
     output: Path,
@@ -292,7 +292,8 @@ def _run_tokenizer(
         else:
             kept_bytes = sum(c["kept_bytes"] for c in clean)
             share = min(1.0, cfg.train_sample_mb * 1e6 / max(kept_bytes, 1))
-            tokenizer = train_tokenizer(_sample(parts, work, exact_drop, share), cfg)
+            sample = _sample(parts, work, exact_drop, share, data.tokenize.max_piece_chars)
+            tokenizer = train_tokenizer(sample, cfg)
         save_tokenizer(tokenizer, target)
     tokenizer = load_tokenizer(target, cfg.eos_token)
     vocab = tokenizer.get_vocab_size()
@@ -307,8 +308,12 @@ def _run_tokenizer(
     }
 
 
-def _sample(parts: list[Part], work: Path, drop: np.ndarray, share: float) -> Iterable[str]:
-    """Kept, deduplicated texts whose hash falls in the first `share` of the hash space."""
+def _sample(
+    parts: list[Part], work: Path, drop: np.ndarray, share: float, max_piece_chars: int
+) -> Iterable[str]:
+    """Kept, deduplicated texts whose hash falls in the first `share` of the hash space, long
+    ones in the same bounded pieces the encoder uses (the trainer's memory grows with the
+    longest sequence it is given)."""
     for part in parts:
         table = read_clean(work, part, ["id", "text", "hash"])
         if table.num_rows == 0:
@@ -318,7 +323,7 @@ def _sample(parts: list[Part], work: Path, drop: np.ndarray, share: float) -> It
         chosen &= ~np.isin(ids, drop)
         texts = table.column("text")
         for index in np.flatnonzero(chosen):
-            yield texts[int(index)].as_py()
+            yield from split_pieces(texts[int(index)].as_py(), max_piece_chars)
 
 
 def _run_tokenize(
@@ -326,14 +331,7 @@ def _run_tokenize(
 ) -> list[dict]:
     import ray.data
 
-    results = {}
-    todo = []
-    for part in parts:
-        done = tokens_path(work, part, ".json")
-        if done.exists():
-            results[part.index] = atomic.read_json(done)
-        else:
-            todo.append(part)
+    results, todo = _finished(parts, lambda part: tokens_path(work, part, ".json"))
     task = progress.stage("tokenise", total=len(parts), unit="tokens")
     progress.advance(task, len(results), sum(r["tokens"] for r in results.values()))
     if todo:
@@ -394,7 +392,7 @@ def _run_near(
     else:
         similar = np.zeros(0, dtype=bool)
         drop = np.zeros(0, dtype=np.int64)
-    _save(work / "near" / "drop.npy", drop)
+    atomic.write_npy(work / "near" / "drop.npy", drop)
     stats = {"candidate_pairs": int(len(pairs)), "similar_pairs": int(similar.sum())}
     atomic.write_json(done, stats)
     progress.advance(task, 1, int(len(pairs)))

@@ -16,7 +16,6 @@ JSON of counts last, so a stage whose JSON exists is complete and is not redone 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -184,7 +183,7 @@ def exact_duplicates(parts: list[Part], work: Path, partition: int, partitions: 
     if len(ids) > 1:
         repeat[1:] = np.all(hashes[1:] == hashes[:-1], axis=1)
     drop = np.sort(ids[repeat])
-    _save_npy(out, drop)
+    atomic.write_npy(out, drop)
     return drop
 
 
@@ -193,12 +192,6 @@ def hash_pairs(hashes: list[bytes]) -> np.ndarray:
     if not hashes:
         return np.zeros((0, 2), dtype=np.uint64)
     return np.frombuffer(b"".join(hashes), dtype="<u8").reshape(-1, 2).copy()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic.write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------- tokenisation (+ MinHash)
@@ -250,8 +243,8 @@ class PartTokenizer:
                     bands.append(self.minhasher.band_keys(sig))
         os.replace(tmp, token_file)
         if self.minhasher is not None:
-            _save_npy(tokens_path(self.work, part, ".sigs.npy"), _stack(signatures))
-            _save_npy(tokens_path(self.work, part, ".bands.npy"), _stack(bands))
+            atomic.write_npy(tokens_path(self.work, part, ".sigs.npy"), _stack(signatures))
+            atomic.write_npy(tokens_path(self.work, part, ".bands.npy"), _stack(bands))
         all_lengths = _cat(lengths, np.int64)
         atomic.write_arrays(
             tokens_path(self.work, part, ".npz"),

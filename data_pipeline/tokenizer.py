@@ -101,6 +101,22 @@ def _space_cut(text: str, start: int, end: int) -> int | None:
             return position
 
 
+ENCODE_BATCH_PIECES = 32
+
+
+def _bounded_runs(pieces: list[str], max_chars: int) -> Iterator[tuple[int, int]]:
+    """Consecutive [start, stop) runs of pieces holding at most `max_chars` characters
+    (a run holds at least one piece)."""
+    start, chars = 0, 0
+    for index, piece in enumerate(pieces):
+        if index > start and chars + len(piece) > max_chars:
+            yield start, index
+            start, chars = index, 0
+        chars += len(piece)
+    if start < len(pieces):
+        yield start, len(pieces)
+
+
 class DocumentEncoder:
     """Encode documents to token ids, each followed by the EOS id, in bounded batches/pieces."""
 
@@ -124,10 +140,14 @@ class DocumentEncoder:
             parts = split_pieces(text, self.max_piece_chars)
             pieces.extend(parts)
             owners.extend([index] * len(parts))
-        encodings = self.tokenizer.encode_batch_fast(pieces, add_special_tokens=False)
         per_doc: list[list[np.ndarray]] = [[] for _ in texts]
-        for owner, encoding in zip(owners, encodings, strict=True):
-            per_doc[owner].append(np.asarray(encoding.ids, dtype=self.dtype))
+        for start, stop in _bounded_runs(pieces, self.max_piece_chars * ENCODE_BATCH_PIECES):
+            # Encoding objects hold strings and masks besides the ids: keep few alive at once.
+            encodings = self.tokenizer.encode_batch_fast(
+                pieces[start:stop], add_special_tokens=False
+            )
+            for owner, encoding in zip(owners[start:stop], encodings, strict=True):
+                per_doc[owner].append(np.asarray(encoding.ids, dtype=self.dtype))
         eos = np.asarray([self.eos_id], dtype=self.dtype)
         return [np.concatenate([*parts, eos]) for parts in per_doc]
 
