@@ -13,6 +13,7 @@ from typing import Any
 from .plan import Part
 
 MANIFEST = "manifest.json"
+WEIGHT_RULE = "input_weight"  # documents an input weight below 1 left out
 FORMAT_VERSION = 1
 
 
@@ -38,7 +39,7 @@ def build_manifest(
     for part in clean:
         filtered.update(part["filtered"])
     if weights.get("filtered"):
-        filtered["input_weight"] += weights["filtered"]
+        filtered[WEIGHT_RULE] += weights["filtered"]
     read = sum(c["in"] for c in clean)
     malformed = sum(c["malformed"] for c in clean)
     after_filters = sum(c["kept"] for c in clean)

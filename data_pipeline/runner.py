@@ -57,7 +57,6 @@ from .tokenizer import (
 )
 
 WORK = ".work"
-WEIGHT_RULE = "input_weight"
 
 
 class PrepareError(RuntimeError):

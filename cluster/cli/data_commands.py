@@ -54,6 +54,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def _prepare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from data_pipeline.atomic import write_text
     from data_pipeline.inspect import summary_tables
     from data_pipeline.readers import InputError
     from data_pipeline.runner import PrepareError, prepare
@@ -81,7 +82,7 @@ def _prepare(args: argparse.Namespace) -> int:
     except (InputError, PrepareError, TokenizerError) as error:
         print(f"kiln: {error}", file=sys.stderr)
         return 2
-    (output / "config.yaml").write_text(dump_config(cfg))
+    write_text(output / "config.yaml", dump_config(cfg))
     console = Console()
     for table in summary_tables(manifest):
         console.print(table)
