@@ -1,0 +1,297 @@
+"""A decoder-only transformer, Llama- or GPT-style, on megatron-core's tensor-parallel layers.
+
+Read top to bottom: initialisation, norms, rotary embedding, attention, MLP, block, embedding,
+head, the model. Shapes: batch B, sequence S, hidden h, tensor-parallel size T. Between layers
+activations are [B, S, h] and identical on every TP rank; a column-parallel layer splits its
+output features across the T ranks, a row-parallel layer its input features, summing the
+partial results. Attention heads and MLP features are therefore split T ways, and the
+vocabulary too (embedding rows, output logits, cross entropy), padded to a multiple of 128 x T.
+
+    llama: RMSNorm, rotary position embedding, SwiGLU MLP, grouped-query attention, no biases
+    gpt:   LayerNorm, learned absolute positions, GELU MLP, biases
+
+Every projection is its own layer (q, k, v; gate, up), not a fused one: a fused weight's layout
+would depend on T, and separate ones map one to one onto Hugging Face's names. With
+`use_cpu_initialization` megatron-core draws each full weight on the CPU and keeps this rank's
+slice, and every layer is built under its own seed (`seed`, layer index), so the same seed
+gives the same full weights for every tensor- and pipeline-parallel layout.
+
+Initialisation follows GPT-NeoX/Megatron: normal(0, init_std) everywhere, and
+normal(0, init_std / sqrt(2 * num_layers)) for the two projections that write into the residual
+stream (attention output, MLP down), so the residual's variance does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
+from torch import nn
+
+from pretrain.config import ModelConfig
+
+from .sizing import padded_vocab_size
+
+Module = TypeVar("Module", bound=nn.Module)
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return partial(nn.init.normal_, mean=0.0, std=std)
+
+
+def residual_init(model: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    return normal_init(model.init_std / math.sqrt(2.0 * model.num_layers))
+
+
+def parallel_config(tensor: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    """megatron-core's layer settings: weights drawn whole on the CPU, then sliced per rank."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tensor, use_cpu_initialization=True, params_dtype=dtype
+    )
+
+
+def seeded(seed: int, index: int, build: Callable[[], Module]) -> Module:
+    """Build a layer under its own seed, leaving the global random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + index)
+        return build()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def make_norm(model: ModelConfig) -> nn.Module:
+    if model.arch == "llama":
+        return RMSNorm(model.hidden_size, model.norm_eps)
+    return nn.LayerNorm(model.hidden_size, eps=model.norm_eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding, in the rotate-half convention (as Hugging Face's Llama)."""
+
+    def __init__(self, head_dim: int, max_seq_length: int, base: float) -> None:
+        super().__init__()
+        inverse = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_length, dtype=torch.float32), inverse)
+        angles = torch.cat([angles, angles], dim=-1)  # [S, head_dim]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, heads, S, head_dim]."""
+        seq = x.shape[-2]
+        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads, through PyTorch's SDPA (flash on GPUs)."""
+
+    def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
+        super().__init__()
+        tensor = parallel.tensor_model_parallel_size
+        assert model.num_kv_heads is not None
+        self.head_dim = model.head_dim
+        self.heads = model.num_heads // tensor
+        self.kv_heads = model.num_kv_heads // tensor
+        bias = model.arch == "gpt"
+        column = partial(
+            tensor_parallel.ColumnParallelLinear,
+            config=parallel,
+            init_method=normal_init(model.init_std),
+            bias=bias,
+            gather_output=False,
+        )
+        self.q = column(model.hidden_size, model.num_heads * self.head_dim)
+        self.k = column(model.hidden_size, model.num_kv_heads * self.head_dim)
+        self.v = column(model.hidden_size, model.num_kv_heads * self.head_dim)
+        self.out = tensor_parallel.RowParallelLinear(
+            model.num_heads * self.head_dim,
+            model.hidden_size,
+            config=parallel,
+            init_method=residual_init(model),
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
+        self.rotary = (
+            RotaryEmbedding(self.head_dim, model.max_seq_length, model.rope_base)
+            if model.arch == "llama"
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+
+        def heads(layer: nn.Module, count: int) -> torch.Tensor:
+            projected, _ = layer(x)
+            return projected.view(batch, seq, count, self.head_dim).transpose(1, 2)
+
+        q, k, v = (
+            heads(self.q, self.heads),
+            heads(self.k, self.kv_heads),
+            heads(self.v, self.kv_heads),
+        )
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads
+        )
+        y = y.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+        out, _ = self.out(y)
+        return out
+
+
+class MLP(nn.Module):
+    """llama: down(silu(gate(x)) * up(x)); gpt: proj(gelu(fc(x)))."""
+
+    def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
+        super().__init__()
+        assert model.ffn_hidden_size is not None
+        self.arch = model.arch
+        bias = model.arch == "gpt"
+        column = partial(
+            tensor_parallel.ColumnParallelLinear,
+            model.hidden_size,
+            model.ffn_hidden_size,
+            config=parallel,
+            init_method=normal_init(model.init_std),
+            bias=bias,
+            gather_output=False,
+        )
+        if model.arch == "llama":
+            self.gate, self.up = column(), column()
+        else:
+            self.fc = column()
+        self.down = tensor_parallel.RowParallelLinear(
+            model.ffn_hidden_size,
+            model.hidden_size,
+            config=parallel,
+            init_method=residual_init(model),
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.arch == "llama":
+            hidden = F.silu(self.gate(x)[0]) * self.up(x)[0]
+        else:
+            hidden = F.gelu(self.fc(x)[0], approximate="tanh")
+        out, _ = self.down(hidden)
+        return out
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
+        super().__init__()
+        self.attention_norm = make_norm(model)
+        self.attention = Attention(model, parallel)
+        self.mlp_norm = make_norm(model)
+        self.mlp = MLP(model, parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Embedding(nn.Module):
+    """Token embedding, vocabulary rows split across TP ranks; plus learned positions (gpt)."""
+
+    def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
+        super().__init__()
+        vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
+        self.tokens = tensor_parallel.VocabParallelEmbedding(
+            vocab, model.hidden_size, init_method=normal_init(model.init_std), config=parallel
+        )
+        self.positions = None
+        if model.arch == "gpt":
+            self.positions = nn.Embedding(model.max_seq_length, model.hidden_size)
+            normal_init(model.init_std)(self.positions.weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(ids)
+        if self.positions is not None:
+            x = x + self.positions(torch.arange(ids.shape[1], device=ids.device))
+        return x
+
+
+class Head(nn.Module):
+    """Final norm and the output layer: vocabulary-parallel logits (this rank's vocab slice).
+    With tied embeddings the output layer holds no weight and uses the embedding's."""
+
+    def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
+        super().__init__()
+        self.norm = make_norm(model)
+        self.tied = bool(model.tie_embeddings)
+        self.output = tensor_parallel.ColumnParallelLinear(
+            model.hidden_size,
+            padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size),
+            config=parallel,
+            init_method=normal_init(model.init_std),
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=self.tied,
+        )
+
+    def forward(self, x: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
+        logits, _ = self.output(self.norm(x), weight=tied_weight if self.tied else None)
+        return logits
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over vocabulary-parallel logits [B, S, V/T]."""
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets).mean()
+
+
+@torch.no_grad()
+def gather_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from every rank's slice, without gradient (generation,
+    evaluation). megatron-core's own gather allocates on CUDA, so this one uses all_gather."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    if group.size() == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+class Transformer(nn.Module):
+    """The whole model on one pipeline stage. `forward(ids)` gives vocabulary-parallel
+    logits; `forward(ids, targets)` the mean loss. Needs megatron-core's parallel_state set up
+    (tensor-parallel size `tensor`) before it is built."""
+
+    def __init__(self, model: ModelConfig, tensor: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        parallel = parallel_config(tensor)
+        self.config = model
+        self.embedding = seeded(seed, 0, lambda: Embedding(model, parallel))
+        self.blocks = nn.ModuleList(
+            seeded(seed, 1 + i, lambda: Block(model, parallel)) for i in range(model.num_layers)
+        )
+        self.head = seeded(seed, 1 + model.num_layers, lambda: Head(model, parallel))
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embedding(ids)
+        for block in self.blocks:
+            x = block(x)
+        tied = self.embedding.tokens.weight if self.head.tied else None
+        logits = self.head(x, tied)
+        return logits if targets is None else cross_entropy(logits, targets)

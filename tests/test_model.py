@@ -1,0 +1,128 @@
+"""The decoder model: sizes equal the closed-form count, causality, seeding, and tensor
+parallelism (real gloo processes) equal to a single process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from pretrain.config import ModelConfig
+from pretrain.model.sizing import count_parameters, padded_vocab_size
+from pretrain.model.transformer import Transformer
+from tests.distributed import free_port, run_ranks
+from tests.model_workers import tensor_parallel_step
+
+BASE = {
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_heads": 4,
+    "vocab_size": 1000,
+    "max_seq_length": 32,
+}
+VARIANTS = {
+    "llama-gqa-untied": {**BASE, "arch": "llama", "num_kv_heads": 2},
+    "llama-tied": {**BASE, "arch": "llama", "tie_embeddings": True},
+    "gpt-tied": {**BASE, "arch": "gpt"},
+    "gpt-gqa-untied": {**BASE, "arch": "gpt", "num_kv_heads": 2, "tie_embeddings": False},
+}
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """A world of one process: megatron-core's layers need its parallel state."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def build(name: str, seed: int = 0) -> Transformer:
+    return Transformer(ModelConfig(**VARIANTS[name]), tensor=1, seed=seed)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_parameters_equal_the_closed_form_count(single_rank, name):
+    model = build(name)
+    config = model.config
+    held = sum(p.numel() for p in model.parameters())
+    assert held == count_parameters(config, vocab_size=padded_vocab_size(config.vocab_size, 1))
+
+
+def test_the_tiny_preset_holds_what_kiln_config_show_prints(single_rank):
+    from pretrain.config import load_config
+    from tests.conftest import CONFIGS
+
+    config = load_config(CONFIGS / "model/tiny.yaml").model
+    held = sum(p.numel() for p in Transformer(config).parameters())
+    assert held == count_parameters(config) == 7_096_576  # 8192 is already a multiple of 128
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_initial_loss_is_near_uniform(single_rank, name):
+    model = build(name)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = model(ids[:, :-1], ids[:, 1:])
+    assert abs(loss.item() - math.log(padded_vocab_size(1000, 1))) < 0.05
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_no_position_sees_the_future(single_rank, name):
+    model = build(name)
+    ids = torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(1))
+    changed = ids.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 1000
+    before, after = model(ids), model(changed)
+    torch.testing.assert_close(before[:, :12], after[:, :12], rtol=0, atol=0)
+    assert not torch.equal(before[:, 12:], after[:, 12:])
+
+
+def test_same_seed_same_weights_and_the_global_random_state_is_left_alone(single_rank):
+    state = torch.random.get_rng_state()
+    a, b, c = (
+        build("llama-gqa-untied", 7),
+        build("llama-gqa-untied", 7),
+        build("llama-gqa-untied", 8),
+    )
+    assert torch.equal(state, torch.random.get_rng_state())
+    for (name, x), y, z in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
+        assert torch.equal(x, y), name
+        if "norm" not in name and "bias" not in name:
+            assert not torch.equal(x, z), name
+
+
+def test_residual_projections_use_the_scaled_init(single_rank):
+    model = Transformer(ModelConfig(**{**VARIANTS["llama-tied"], "num_layers": 8}), seed=3)
+    block = model.blocks[0]
+    scaled = 0.02 / math.sqrt(2 * 8)
+    assert block.attention.out.weight.std().item() == pytest.approx(scaled, rel=0.1)
+    assert block.mlp.down.weight.std().item() == pytest.approx(scaled, rel=0.1)
+    assert block.attention.q.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt-tied"])
+def test_tensor_parallel_equals_one_process(tmp_path, name):
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 1000, (2, 24), generator=generator)
+    targets = torch.randint(0, 1000, (2, 24), generator=generator)
+    config = VARIANTS[name]
+    one = run_ranks(tensor_parallel_step, 1, tmp_path, config, 11, ids, targets)
+    two = run_ranks(tensor_parallel_step, 2, tmp_path, config, 11, ids, targets)
+    for parameter, weight in one["weights"].items():
+        assert torch.equal(weight, two["weights"][parameter]), parameter  # same full weights
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    # padding rows (to 128 x TP) may differ between layouts: compare the real vocabulary
+    torch.testing.assert_close(
+        two["logits"][..., :1000], one["logits"][..., :1000], rtol=1e-5, atol=1e-5
+    )
+    for parameter, grad in one["grads"].items():
+        rows = slice(0, 1000) if parameter.startswith("embedding") else slice(None)
+        torch.testing.assert_close(
+            two["grads"][parameter][rows], grad[rows], rtol=1e-5, atol=1e-6, msg=parameter
+        )
