@@ -48,6 +48,22 @@ def residual_init(model: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     return normal_init(model.init_std / math.sqrt(2.0 * model.num_layers))
 
 
+def residual_projection(
+    in_features: int, model: ModelConfig, parallel: ModelParallelConfig
+) -> tensor_parallel.RowParallelLinear:
+    """A row-parallel projection back to the hidden size, writing into the residual stream:
+    input features split across TP ranks, partial outputs summed, scaled initialisation."""
+    return tensor_parallel.RowParallelLinear(
+        in_features,
+        model.hidden_size,
+        config=parallel,
+        init_method=residual_init(model),
+        bias=model.arch == "gpt",
+        input_is_parallel=True,
+        skip_bias_add=False,
+    )
+
+
 def parallel_config(tensor: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
     """megatron-core's layer settings: weights drawn whole on the CPU, then sliced per rank."""
     return ModelParallelConfig(
@@ -120,15 +136,7 @@ class Attention(nn.Module):
         self.q = column(model.hidden_size, model.num_heads * self.head_dim)
         self.k = column(model.hidden_size, model.num_kv_heads * self.head_dim)
         self.v = column(model.hidden_size, model.num_kv_heads * self.head_dim)
-        self.out = tensor_parallel.RowParallelLinear(
-            model.num_heads * self.head_dim,
-            model.hidden_size,
-            config=parallel,
-            init_method=residual_init(model),
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-        )
+        self.out = residual_projection(model.num_heads * self.head_dim, model, parallel)
         self.rotary = (
             RotaryEmbedding(self.head_dim, model.max_seq_length, model.rope_base)
             if model.arch == "llama"
@@ -178,15 +186,7 @@ class MLP(nn.Module):
             self.gate, self.up = column(), column()
         else:
             self.fc = column()
-        self.down = tensor_parallel.RowParallelLinear(
-            model.ffn_hidden_size,
-            model.hidden_size,
-            config=parallel,
-            init_method=residual_init(model),
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-        )
+        self.down = residual_projection(model.ffn_hidden_size, model, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.arch == "llama":
