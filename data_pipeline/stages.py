@@ -53,9 +53,7 @@ def tokens_path(work: Path, part: Part, suffix: str) -> Path:
 
 def hash64(hashes: list[bytes]) -> np.ndarray:
     """The first 8 bytes of each 16-byte text hash as uint64 (uniform; used to split and sample)."""
-    if not hashes:
-        return np.zeros(0, dtype=np.uint64)
-    return np.frombuffer(b"".join(hashes), dtype="<u8").reshape(-1, 2)[:, 0].copy()
+    return hash_pairs(hashes)[:, 0].copy()
 
 
 # ---------------------------------------------------------------- read, normalise, filter

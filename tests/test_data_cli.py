@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from tests.conftest import kiln_executable, run_kiln
 from tests.corpus import distinct_documents, near_copy, write_jsonl
+from tests.distributed import free_port
 
 OUTPUTS = ("tokenizer.json", "quarantine.jsonl")
 
@@ -158,12 +158,6 @@ def test_resume_after_sigkill_gives_identical_bytes(corpus_config, reference, tm
     assert output_bytes(output) == output_bytes(reference)
     assert manifest_without_timings(output) == manifest_without_timings(reference)
     assert not list(output.rglob("*.tmp*"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_against_a_ray_head_started_on_loopback(corpus_config, reference, tmp_path):
