@@ -35,12 +35,12 @@ from .format import token_dtype
 from .manifest import MANIFEST, build_manifest, reconcile
 from .plan import Part, fingerprint, plan_parts, save_plan
 from .progress import StageProgress
-from .shards import SPLITS, SplitWriter, copies_of, split_of
+from .shards import SPLITS, SplitWriter, copies_of, in_tokenizer_sample, split_of
 from .stages import (
     PartTokenizer,
     clean_part,
     exact_duplicates,
-    hash64,
+    hash_pairs,
     load_tokens,
     near_candidates,
     read_clean,
@@ -318,7 +318,7 @@ def _sample(
         if table.num_rows == 0:
             continue
         ids = table.column("id").to_numpy()
-        chosen = hash64(table.column("hash").to_pylist()).astype(np.float64) / 2.0**64 < share
+        chosen = in_tokenizer_sample(hash_pairs(table.column("hash").to_pylist()), share)
         chosen &= ~np.isin(ids, drop)
         texts = table.column("text")
         for index in np.flatnonzero(chosen):

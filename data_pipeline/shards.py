@@ -30,6 +30,16 @@ class ShardInfo:
     idx_sha256: str
 
 
+# Each choice made from a document's 16-byte text hash reads its own bits, so the choices are
+# independent: the validation split the top 32 bits of the first 8 bytes, the input weight's
+# extra copy their low 32 bits, the tokenizer's training sample the second 8 bytes.
+
+
+def in_tokenizer_sample(hashes: np.ndarray, share: float) -> np.ndarray:
+    """True for documents in the tokenizer's training sample; `hashes` as (n, 2) uint64."""
+    return hashes[:, 1].astype(np.float64) / 2.0**64 < share
+
+
 def split_of(hash64: np.ndarray, validation_fraction: float) -> np.ndarray:
     """True for validation documents: the top 32 bits of the text hash, as a fraction."""
     top = (hash64 >> np.uint64(32)).astype(np.float64) / 2.0**32

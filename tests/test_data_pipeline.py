@@ -266,3 +266,20 @@ def test_documents_longer_than_a_piece_round_trip(tmp_path):
     written = shard_documents(tmp_path / "out", manifest)
     assert sorted(written["train"] + written["valid"]) == sorted(texts)
     assert min(len(t) for t in texts) > 10 * 700
+
+
+def test_tokenizer_sample_split_and_weights_are_independent_choices():
+    from data_pipeline.shards import copies_of, in_tokenizer_sample, split_of
+    from data_pipeline.stages import hash_pairs
+    from data_pipeline.steps.dedup import text_hash
+
+    pairs = hash_pairs([text_hash(f"document {i}") for i in range(20_000)])
+    valid = split_of(pairs[:, 0], 0.1)
+    sampled = in_tokenizer_sample(pairs, 0.1)
+    extra = copies_of(pairs[:, 0], 1.1) == 2
+    for choice in (valid, sampled, extra):
+        assert 0.08 < choice.mean() < 0.12
+    # independent: about a tenth of each set falls in another, not all or none of it
+    assert 0.07 < sampled[valid].mean() < 0.13
+    assert 0.07 < extra[valid].mean() < 0.13
+    assert 0.07 < extra[sampled].mean() < 0.13
