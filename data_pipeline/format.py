@@ -215,3 +215,24 @@ class ShardReader:
         first, last = int(self.document_indices[d]), int(self.document_indices[d + 1])
         parts = [self[i] for i in range(first, last)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+    def token_stream(self) -> np.ndarray:
+        """The whole `.bin` as one array: every sequence's tokens back to back, in index order.
+
+        This is what packing across document boundaries reads, so the sequences must be stored
+        contiguously (pointer i = bytes of sequences 0..i-1), as every Megatron builder writes
+        them; otherwise raises `ShardFormatError`.
+        """
+        lengths = self.sequence_lengths.astype(np.int64)
+        expected = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths) > 1:
+            np.cumsum(lengths[:-1] * self.dtype.itemsize, out=expected[1:])
+        wrong = np.flatnonzero(self.sequence_pointers != expected)
+        if wrong.size:
+            i = int(wrong[0])
+            raise ShardFormatError(
+                f"{idx_path(self.prefix)}: sequence {i} starts at byte "
+                f"{int(self.sequence_pointers[i])}, not {int(expected[i])}, so the sequences are "
+                "not stored back to back and cannot be read as one token stream"
+            )
+        return np.asarray(self._data[: self.num_tokens])

@@ -69,7 +69,7 @@ def test_initial_loss_is_near_uniform(single_rank, name):
     model = build(name)
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     loss = model(ids[:, :-1], ids[:, 1:])
-    assert abs(loss.item() - math.log(padded_vocab_size(1000, 1))) < 0.05
+    assert abs(loss.item() - math.log(padded_vocab_size(1000, 1))) < 0.1
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

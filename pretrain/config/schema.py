@@ -123,7 +123,12 @@ class TrainConfig(ConfigSection):
     steps: PositiveInt = 1000
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: NonNegativeInt = 1234
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = Field(
+        default=False, description="Recompute each block's activations in the backward pass."
+    )
+    max_skipped_steps: PositiveInt = Field(
+        default=10, description="Stop after this many NaN/Inf steps in a row."
+    )
 
 
 class OptimConfig(ConfigSection):

@@ -1,8 +1,8 @@
 """A decoder-only transformer, Llama- or GPT-style, on megatron-core's tensor-parallel layers.
 
 Read top to bottom: initialisation, norms, rotary embedding, attention, MLP, block, embedding,
-head, the model. Shapes: batch B, sequence S, hidden h, tensor-parallel size T. Between layers
-activations are [B, S, h] and identical on every TP rank; a column-parallel layer splits its
+output layer, the model. Shapes: batch B, sequence S, hidden h, tensor-parallel size T. Between
+layers activations are [B, S, h] and identical on every TP rank; a column-parallel layer splits its
 output features across the T ranks, a row-parallel layer its input features, summing the
 partial results. Attention heads and MLP features are therefore split T ways, and the
 vocabulary too (embedding rows, output logits, cross entropy), padded to a multiple of 128 x T.
@@ -96,20 +96,22 @@ def make_norm(model: ModelConfig) -> nn.Module:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding, in the rotate-half convention (as Hugging Face's Llama)."""
+    """Rotary position embedding, in the rotate-half convention (as Hugging Face's Llama).
+    The angles are computed in fp32 on every call, never stored in a low-precision buffer:
+    in bf16 the angle of position 2000 would be off by whole radians."""
 
     def __init__(self, head_dim: int, max_seq_length: int, base: float) -> None:
         super().__init__()
-        inverse = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_length, dtype=torch.float32), inverse)
-        angles = torch.cat([angles, angles], dim=-1)  # [S, head_dim]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.head_dim, self.base, self.max_seq_length = head_dim, base, max_seq_length
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, heads, S, head_dim]."""
-        seq = x.shape[-2]
-        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        seq, device = x.shape[-2], x.device
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        inverse = 1.0 / self.base ** (exponents / self.head_dim)
+        angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inverse)
+        angles = torch.cat([angles, angles], dim=-1)  # [S, head_dim]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -213,7 +215,8 @@ class Block(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embedding, vocabulary rows split across TP ranks; plus learned positions (gpt)."""
+    """Token embedding, vocabulary rows split across TP ranks; plus learned positions (gpt).
+    With tied embeddings the same vocabulary-parallel matrix also gives the logits."""
 
     def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
         super().__init__()
@@ -225,6 +228,9 @@ class Embedding(nn.Module):
         if model.arch == "gpt":
             self.positions = nn.Embedding(model.max_seq_length, model.hidden_size)
             normal_init(model.init_std)(self.positions.weight)
+        self.tied_output = (
+            output_layer(model, parallel, weightless=True) if model.tie_embeddings else None
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.tokens(ids)
@@ -232,27 +238,37 @@ class Embedding(nn.Module):
             x = x + self.positions(torch.arange(ids.shape[1], device=ids.device))
         return x
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Tied output layer: vocabulary-parallel logits from the embedding matrix."""
+        assert self.tied_output is not None, "logits() needs model.tie_embeddings"
+        logits, _ = self.tied_output(x, weight=self.tokens.weight)
+        return logits
 
-class Head(nn.Module):
-    """Final norm and the output layer: vocabulary-parallel logits (this rank's vocab slice).
-    With tied embeddings the output layer holds no weight and uses the embedding's."""
+
+def output_layer(
+    model: ModelConfig, parallel: ModelParallelConfig, weightless: bool = False
+) -> tensor_parallel.ColumnParallelLinear:
+    """Hidden -> this rank's slice of the (padded) vocabulary; `weightless` borrows a weight."""
+    return tensor_parallel.ColumnParallelLinear(
+        model.hidden_size,
+        padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size),
+        config=parallel,
+        init_method=normal_init(model.init_std),
+        bias=False,
+        gather_output=False,
+        skip_weight_param_allocation=weightless,
+    )
+
+
+class OutputLayer(nn.Module):
+    """The untied output layer: vocabulary-parallel logits [B, S, V/T]."""
 
     def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
         super().__init__()
-        self.norm = make_norm(model)
-        self.tied = bool(model.tie_embeddings)
-        self.output = tensor_parallel.ColumnParallelLinear(
-            model.hidden_size,
-            padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size),
-            config=parallel,
-            init_method=normal_init(model.init_std),
-            bias=False,
-            gather_output=False,
-            skip_weight_param_allocation=self.tied,
-        )
+        self.projection = output_layer(model, parallel)
 
-    def forward(self, x: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
-        logits, _ = self.output(self.norm(x), weight=tied_weight if self.tied else None)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.projection(x)
         return logits
 
 
@@ -276,22 +292,40 @@ def gather_logits(logits: torch.Tensor) -> torch.Tensor:
 class Transformer(nn.Module):
     """The whole model on one pipeline stage. `forward(ids)` gives vocabulary-parallel
     logits; `forward(ids, targets)` the mean loss. Needs megatron-core's parallel_state set up
-    (tensor-parallel size `tensor`) before it is built."""
+    (tensor-parallel size `tensor`) before it is built. The pipeline-parallel model
+    (`pretrain.model.pipeline`) is made of the same layers, built under the same seeds."""
 
-    def __init__(self, model: ModelConfig, tensor: int = 1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        tensor: int = 1,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        checkpoint_blocks: bool = False,
+    ) -> None:
         super().__init__()
-        parallel = parallel_config(tensor)
+        parallel = parallel_config(tensor, dtype)
+        layers = model.num_layers
         self.config = model
+        self.checkpoint_blocks = checkpoint_blocks
         self.embedding = seeded(seed, 0, lambda: Embedding(model, parallel))
         self.blocks = nn.ModuleList(
-            seeded(seed, 1 + i, lambda: Block(model, parallel)) for i in range(model.num_layers)
+            seeded(seed, 1 + i, lambda: Block(model, parallel)) for i in range(layers)
         )
-        self.head = seeded(seed, 1 + model.num_layers, lambda: Head(model, parallel))
+        self.norm = seeded(seed, layers + 1, lambda: make_norm(model))
+        self.output = (
+            None
+            if model.tie_embeddings
+            else seeded(seed, layers + 2, lambda: OutputLayer(model, parallel))
+        )
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embedding(ids)
         for block in self.blocks:
-            x = block(x)
-        tied = self.embedding.tokens.weight if self.head.tied else None
-        logits = self.head(x, tied)
+            if self.checkpoint_blocks and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        logits = self.embedding.logits(x) if self.output is None else self.output(x)
         return logits if targets is None else cross_entropy(logits, targets)

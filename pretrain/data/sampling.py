@@ -1,0 +1,243 @@
+"""Which packed sample each global index reads: epoch shuffles, blends, and rank layouts.
+
+Every mapping here is a pure function of (configuration, seed, global index), so a run resumed at
+sample 10^9 reads exactly what an uninterrupted run would have read, and nothing is stored.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .stream import DataDirError, PackedSequences, load_split
+
+
+class SampleSource(Protocol):
+    """Anything that maps a non-negative global index to seq_length + 1 tokens."""
+
+    seq_length: int
+
+    def sample(self, g: int) -> np.ndarray: ...
+
+
+def _check_seed(seed: int) -> int:
+    if int(seed) < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    return int(seed)
+
+
+def _check_index(g: int) -> int:
+    if g < 0:
+        raise IndexError(f"sample index must be non-negative, got {g}")
+    return int(g)
+
+
+class ShuffledSamples:
+    """An endless sequence over epochs of `packed`: index g reads packed sample perm_e[g % n].
+
+    e = g // n and perm_e = np.random.default_rng([seed, e]).permutation(n), so every epoch is a
+    fresh permutation, determined by (seed, e) alone. The last `cache_epochs` are kept.
+    """
+
+    def __init__(self, packed: PackedSequences, seed: int, cache_epochs: int = 2) -> None:
+        self.packed = packed
+        self.seed = _check_seed(seed)
+        self.seq_length = packed.seq_length
+        self.epoch_size = len(packed)
+        self._cache_epochs = max(1, int(cache_epochs))
+        self._permutations: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s order of packed samples (equal to rng.permutation(n), smaller dtype)."""
+        perm = self._permutations.get(epoch)
+        if perm is None:
+            n = self.epoch_size
+            # Shuffling an int32/int64 arange draws the same numbers as permutation(n).
+            dtype = np.int32 if n <= np.iinfo(np.int32).max else np.int64
+            perm = np.random.default_rng([self.seed, epoch]).permutation(np.arange(n, dtype=dtype))
+            self._permutations[epoch] = perm
+            while len(self._permutations) > self._cache_epochs:
+                self._permutations.popitem(last=False)
+        else:
+            self._permutations.move_to_end(epoch)
+        return perm
+
+    def index(self, g: int) -> int:
+        """The packed sample that global index g reads."""
+        epoch, position = divmod(_check_index(g), self.epoch_size)
+        return int(self.permutation(epoch)[position])
+
+    def sample(self, g: int) -> np.ndarray:
+        return self.packed.sample(self.index(g))
+
+
+class ValidationSamples:
+    """Validation in a fixed order, no shuffle: index g reads packed sample g % len(packed)."""
+
+    def __init__(self, packed: PackedSequences) -> None:
+        self.packed = packed
+        self.seq_length = packed.seq_length
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def sample(self, g: int) -> np.ndarray:
+        return self.packed.sample(_check_index(g) % len(self.packed))
+
+
+def largest_remainder(weights: Sequence[float], total: int) -> np.ndarray:
+    """Integer counts summing to `total`, proportional to `weights` by largest-remainder rounding.
+
+    Ties go to the earlier source; a positive weight gets 0 only if its share is below 1.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or not w.size or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}")
+    quotas = w / w.sum() * total
+    counts = np.floor(quotas).astype(np.int64)
+    rest = total - int(counts.sum())
+    counts[np.argsort(counts - quotas, kind="stable")[:rest]] += 1
+    return counts
+
+
+class Blend:
+    """Mix several sources by weight, statelessly: any global index is computed directly.
+
+    The global sequence is cut into blocks of `block` samples. Every block holds `counts[i]`
+    samples of source i (largest-remainder rounding of the normalised weights × block), in an
+    order shuffled per block by np.random.default_rng([seed, block_index]). The k-th occurrence
+    of source i in block b reads that source's own index b * counts[i] + k, so each source is
+    consumed in order, without repeats or gaps. With one source the mapping is the identity.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[SampleSource],
+        weights: Sequence[float],
+        seed: int,
+        block: int = 4096,
+    ) -> None:
+        if not sources or len(sources) != len(weights):
+            raise ValueError(
+                f"a blend needs one weight per source, got {len(sources)} sources "
+                f"and {len(weights)} weights"
+            )
+        if block < 1:
+            raise ValueError(f"block must be at least 1, got {block}")
+        lengths = {s.seq_length for s in sources}
+        if len(lengths) != 1:
+            raise ValueError(f"blended sources must share one seq_length, got {sorted(lengths)}")
+        self.sources = list(sources)
+        self.seq_length = lengths.pop()
+        self.seed = _check_seed(seed)
+        self.block = int(block)
+        self.counts = largest_remainder(weights, self.block)
+        # Stream position where each source's run starts in an unshuffled block.
+        self._starts = np.concatenate(([0], np.cumsum(self.counts)[:-1]))
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _arrangement(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block b's source of each position and its occurrence number within the block."""
+        if self._cached is None or self._cached[0] != b:
+            owner = np.repeat(np.arange(len(self.sources), dtype=np.int32), self.counts)
+            np.random.default_rng([self.seed, b]).shuffle(owner)
+            order = np.argsort(owner, kind="stable")
+            occurrence = np.empty(self.block, dtype=np.int64)
+            occurrence[order] = np.arange(self.block) - self._starts[owner[order]]
+            self._cached = (b, owner, occurrence)
+        return self._cached[1], self._cached[2]
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(source, that source's own index) read by global index g."""
+        g = _check_index(g)
+        if len(self.sources) == 1:
+            return 0, g
+        b, position = divmod(g, self.block)
+        owner, occurrence = self._arrangement(b)
+        source = int(owner[position])
+        return source, b * int(self.counts[source]) + int(occurrence[position])
+
+    def source_of(self, g: int) -> int:
+        return self.locate(g)[0]
+
+    def sample(self, g: int) -> np.ndarray:
+        source, local = self.locate(g)
+        return self.sources[source].sample(local)
+
+
+def rank_batch_indices(
+    step: int, micro: int, micro_batch_size: int, dp_rank: int, dp_size: int, grad_accum: int
+) -> range:
+    """Global sample indices of micro-batch `micro` of `step` on data-parallel rank `dp_rank`.
+
+    With global batch G = micro_batch_size * grad_accum * dp_size, they are
+    step*G + micro*(micro_batch_size*dp_size) + dp_rank*micro_batch_size + [0, micro_batch_size).
+    The union over all ranks and micro-batches of one step is exactly [step*G, (step+1)*G),
+    disjointly, for every layout with the same G: a step trains on the same samples whatever
+    the data-parallel size, which makes losses comparable across layouts.
+    """
+    sizes = {"micro_batch_size": micro_batch_size, "dp_size": dp_size, "grad_accum": grad_accum}
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if step < 0 or not 0 <= micro < grad_accum or not 0 <= dp_rank < dp_size:
+        raise ValueError(
+            f"step {step}, micro {micro}, dp_rank {dp_rank} outside step >= 0, "
+            f"0 <= micro < {grad_accum}, 0 <= dp_rank < {dp_size}"
+        )
+    start = (
+        step * micro_batch_size * grad_accum * dp_size
+        + micro * micro_batch_size * dp_size
+        + dp_rank * micro_batch_size
+    )
+    return range(start, start + micro_batch_size)
+
+
+def micro_batch(samples: SampleSource, indices: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+    """int64 inputs [B, S] and targets [B, S] (inputs shifted by one) of the given samples."""
+    rows = np.stack([samples.sample(int(g)) for g in indices]).astype(np.int64, copy=False)
+    return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
+
+
+def source_seed(seed: int, source: int) -> int:
+    """The shuffle seed of blend source `source`, so equal-sized sources get distinct orders."""
+    return int(np.random.SeedSequence([_check_seed(seed), source]).generate_state(1)[0])
+
+
+def _open_split(
+    paths_and_weights: Sequence[tuple[str | Path, float]], split: str, seq_length: int
+) -> list[PackedSequences]:
+    """Packed sequences of `split` of every directory, which must all share one tokenizer."""
+    if not paths_and_weights:
+        raise ValueError("at least one data directory is needed")
+    streams = [(Path(path), load_split(path, split)) for path, _ in paths_and_weights]
+    first_path, first = streams[0]
+    for path, stream in streams[1:]:
+        if (stream.vocab_size, stream.eos_id) != (first.vocab_size, first.eos_id):
+            raise DataDirError(
+                f"{path} has tokenizer vocab_size {stream.vocab_size} and eos_id "
+                f"{stream.eos_id} but {first_path} has {first.vocab_size} and {first.eos_id}; "
+                "blended data directories must share one tokenizer"
+            )
+    return [PackedSequences(stream, seq_length) for _, stream in streams]
+
+
+def build_train_samples(
+    paths_and_weights: Sequence[tuple[str | Path, float]], seq_length: int, seed: int
+) -> Blend:
+    """Training samples: each directory's train split shuffled per epoch, blended by weight."""
+    packed = _open_split(paths_and_weights, "train", seq_length)
+    sources = [ShuffledSamples(p, source_seed(seed, i)) for i, p in enumerate(packed)]
+    return Blend(sources, [w for _, w in paths_and_weights], seed)
+
+
+def build_validation_samples(
+    paths_and_weights: Sequence[tuple[str | Path, float]], seq_length: int, seed: int
+) -> Blend:
+    """Validation samples: each directory's valid split unshuffled, blended by the same weights."""
+    packed = _open_split(paths_and_weights, "valid", seq_length)
+    return Blend([ValidationSamples(p) for p in packed], [w for _, w in paths_and_weights], seed)

@@ -1,0 +1,1 @@
+"""Rank layout: megatron-core and DeepSpeed process groups built from one description."""

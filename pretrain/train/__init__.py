@@ -1,0 +1,1 @@
+"""Training components: learning-rate schedule, FLOPs and MFU, metric tracking."""

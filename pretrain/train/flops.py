@@ -1,0 +1,88 @@
+"""Training FLOPs per token and model FLOPs utilisation (MFU).
+
+Per token, forward plus backward (PaLM, Chowdhery et al. 2022, appendix B):
+
+    6 * N_matmul + 12 * L * h * S
+
+6 * N_matmul: each weight that takes part in a matrix multiply costs 2 FLOPs per token in
+the forward pass and 4 in the backward pass (gradients of activations and of weights).
+N_matmul is every parameter (`count_parameters`, with the padded vocabulary the model
+really computes) minus the input lookup tables, which are gathered, not multiplied: the
+token embedding when it is untied, and gpt's learned positions. With tied embeddings the
+shared matrix is counted once, as the output projection, so tying changes the parameter
+count but not the FLOPs. Norm weights and biases are counted in (under 0.2 % of N_matmul
+for the preset sizes).
+
+12 * L * h * S: the attention scores Q K^T and their product with V, 2 * 2 * h * S FLOPs
+per token and layer forward, three times that with backward, over the full S x S score
+matrix (as PaLM and Megatron count it; a causal kernel skips about half of it).
+
+MFU = achieved model FLOP/s / (peak FLOP/s per device * devices). Recomputation
+(activation checkpointing) is not counted: MFU measures useful work only.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pretrain.config.schema import ModelConfig
+from pretrain.model.sizing import count_parameters, padded_vocab_size
+
+# Dense (non-sparse) tensor-core peak FLOP/s per GPU: (name, 16-bit, fp32 via TF32).
+# The first entry whose name occurs in the device name as whole words wins, so a more
+# specific name comes before a shorter one ("H100 PCIe" before "H100"). V100 has neither
+# bf16 nor TF32: its fp16 figure stands for bf16, its CUDA-core FP32 figure for fp32.
+PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 494.5e12),  # "NVIDIA H100 80GB HBM3": the SXM part
+    ("H200", 989e12, 494.5e12),
+    ("A100", 312e12, 156e12),
+    ("A10G", 125e12, 62.5e12),
+    ("L40S", 362e12, 183e12),
+    ("L4", 121e12, 60e12),
+    ("V100", 125e12, 15.7e12),
+    ("RTX 4090", 165e12, 82.6e12),
+)
+
+HALF_PRECISIONS = ("bf16", "fp16")
+FULL_PRECISIONS = ("fp32", "tf32")
+
+
+def matmul_parameters(model: ModelConfig, tensor: int = 1) -> int:
+    """Parameters that take part in matrix multiplies (see the module docstring)."""
+    vocab = padded_vocab_size(model.vocab_size, tensor)
+    lookups = 0 if model.tie_embeddings else vocab * model.hidden_size
+    if model.arch == "gpt":
+        lookups += model.max_seq_length * model.hidden_size
+    return count_parameters(model, vocab) - lookups
+
+
+def flops_per_token(model: ModelConfig, seq_length: int, tensor: int = 1) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_length`."""
+    attention = 12 * model.num_layers * model.hidden_size * seq_length
+    return float(6 * matmul_parameters(model, tensor) + attention)
+
+
+def peak_flops(device_name: str | None, precision: str) -> float | None:
+    """Dense peak FLOP/s of one device as `torch.cuda.get_device_name` names it, at
+    `precision` (bf16, fp16, fp32/tf32); None for a CPU or an unknown device."""
+    if precision not in HALF_PRECISIONS + FULL_PRECISIONS:
+        raise ValueError(f"precision = {precision!r}: must be one of bf16, fp16, fp32, tf32")
+    if not device_name:
+        return None
+    for name, half, full in PEAK_FLOPS:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", device_name, re.I):
+            return half if precision in HALF_PRECISIONS else full
+    return None
+
+
+def mfu(
+    tokens_per_s: float, flops_per_token: float, peak: float | None, devices: int
+) -> float | None:
+    """Model FLOPs utilisation of `devices` devices processing `tokens_per_s` tokens per
+    second in all; None when the peak is unknown."""
+    if devices < 1:
+        raise ValueError(f"devices = {devices}: must be at least 1")
+    if peak is None:
+        return None
+    return tokens_per_s * flops_per_token / (peak * devices)

@@ -1,0 +1,329 @@
+"""The training loop: data, engine, checkpoints and tracking put together, one step at a time.
+
+Every rank runs `train(run_dir)`. The run directory holds the resolved `config.yaml` (written
+by `kiln train` before any process starts); the loop resumes from the latest checkpoint there,
+evaluates every `eval.interval` steps, saves every `checkpoint.interval` steps, at the end and
+when SIGTERM or SIGINT arrives, and logs every step to `metrics.jsonl` (and W&B) from rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.config import KilnConfig, dump_config, load_config
+from pretrain.data import DataDirError, build_train_samples, build_validation_samples
+from pretrain.data.sampling import micro_batch, rank_batch_indices
+from pretrain.data.stream import read_manifest
+from pretrain.model.sizing import count_parameters, human_count
+from pretrain.parallel.layout import Layout, init_distributed, pick_device, setup_parallel
+
+from .checkpoint import CheckpointManager, TrainerState
+from .engine import Batch, TrainEngine
+from .flops import flops_per_token, mfu, peak_flops
+from .schedule import lr_at
+from .tracking import MetricsLog, WandbTracker
+
+EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 3, 2
+
+
+class TrainingData:
+    """This data-parallel rank's micro-batches of any step, training or validation."""
+
+    def __init__(self, cfg: KilnConfig, data_rank: int) -> None:
+        assert cfg.train.seq_length is not None and cfg.model is not None
+        if cfg.data.blend:
+            sources = [(entry.path, entry.weight) for entry in cfg.data.blend]
+        elif cfg.data.path:
+            sources = [(cfg.data.path, 1.0)]
+        else:
+            raise DataDirError("the configuration names no data: set data.path or data.blend")
+        for path, _ in sources:
+            vocab = read_manifest(path)["tokenizer"]["vocab_size"]
+            if vocab > cfg.model.vocab_size:
+                raise DataDirError(
+                    f"{path}: its tokenizer has {vocab} tokens but model.vocab_size is "
+                    f"{cfg.model.vocab_size}"
+                )
+        self.sources = sources
+        self.train = build_train_samples(sources, cfg.train.seq_length, cfg.train.seed)
+        self.valid = build_validation_samples(sources, cfg.train.seq_length, cfg.train.seed)
+        self.cfg, self.data_rank = cfg, data_rank
+
+    def batches(self, step: int, split: str = "train") -> list[Batch]:
+        train, par = self.cfg.train, self.cfg.parallel
+        samples = self.train if split == "train" else self.valid
+        assert train.gradient_accumulation_steps is not None and par.data is not None
+        out = []
+        for micro in range(train.gradient_accumulation_steps):
+            indices = rank_batch_indices(
+                step,
+                micro,
+                train.micro_batch_size,
+                self.data_rank,
+                par.data,
+                train.gradient_accumulation_steps,
+            )
+            inputs, targets = micro_batch(samples, indices)
+            out.append((torch.from_numpy(inputs), torch.from_numpy(targets)))
+        return out
+
+
+@dataclass
+class StopRequest:
+    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits at the next step end."""
+
+    signal_name: str | None = None
+    previous: dict = field(default_factory=dict)
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank was asked to stop (ranks may see it apart)."""
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Reporter:
+    """Rank 0's outputs: metrics.jsonl, W&B, the progress bar and the log lines."""
+
+    def __init__(self, cfg: KilnConfig, run_dir: Path, start_step: int, active: bool) -> None:
+        self.cfg, self.active = cfg, active
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl") if active else None
+        self.wandb = None
+        self.bar = None
+        if not active:
+            return
+        self.metrics.truncate_after(start_step)
+        self.wandb = WandbTracker.start(
+            run_dir, cfg.logging.wandb, cfg.model_dump(mode="json"), None
+        )
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", leave=True)
+
+    def say(self, text: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.active:
+            return
+        self.metrics.log(values, step)
+        self.wandb.log(values, step)
+
+    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+        self.wandb.finish()
+
+
+def memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    def __init__(self, cfg: KilnConfig, run_dir: Path) -> None:
+        assert cfg.model is not None and cfg.parallel.data is not None
+        self.cfg, self.run_dir = cfg, run_dir
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed % 2**32)
+        device = pick_device()
+        init_distributed(device)
+        layout = Layout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data)
+        self.parallel = setup_parallel(layout, device)
+        self.data = TrainingData(cfg, self.parallel.coordinates.data)
+        self.engine = TrainEngine(cfg, self.parallel)
+        self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
+        self.config_yaml = dump_config(cfg)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length, layout.tensor)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        self.peak = peak_flops(device_name, cfg.train.precision)
+
+    def run(self) -> int:
+        cfg, parallel = self.cfg, self.parallel
+        state = self.checkpoints.load(self.engine)
+        resumed = state is not None
+        state = state or TrainerState()
+        report = Reporter(cfg, self.run_dir, state.step, parallel.is_logging_rank)
+        self._introduce(report, state, resumed)
+        stop = StopRequest()
+        stop.install()
+        try:
+            return self._loop(state, report, stop, evaluate_first=not resumed)
+        finally:
+            stop.uninstall()
+            report.close()
+
+    def _introduce(self, report: Reporter, state: TrainerState, resumed: bool) -> None:
+        cfg, layout = self.cfg, self.parallel.layout
+        assert cfg.model is not None
+        params = count_parameters(cfg.model)
+        report.say(
+            f"kiln train: {cfg.model.arch} {human_count(params)} parameters | "
+            f"TP {layout.tensor} x PP {layout.pipeline} x DP {layout.data} "
+            f"(ZeRO {cfg.parallel.zero_stage}, {cfg.train.precision}) on "
+            f"{self.parallel.device.type} | {cfg.train.global_batch_size} x "
+            f"{cfg.train.seq_length} tokens per step | {cfg.train.steps} steps"
+        )
+        if resumed:
+            report.say(f"resumed from {self.checkpoints.latest()} at step {state.step}")
+
+    def _loop(
+        self, state: TrainerState, report: Reporter, stop: StopRequest, evaluate_first: bool
+    ) -> int:
+        cfg = self.cfg
+        last_saved = state.step if evaluate_first is False else None
+        if evaluate_first and cfg.eval.interval:
+            val = self.evaluate()
+            report.log(state.step, {"val_loss": val, "val_ppl": perplexity(val)})
+            report.say(f"step {state.step}: validation loss {val:.4f} (before training)")
+        streak = 0
+        val = None
+        while state.step < cfg.train.steps:
+            started = time.perf_counter()
+            lr = lr_at(state.step, cfg.optim, cfg.train.steps)
+            result = self.engine.train_step(self.data.batches(state.step), lr)
+            elapsed = time.perf_counter() - started
+            state.step += 1
+            state.consumed_samples += cfg.train.global_batch_size
+            values = self._step_metrics(result, lr, elapsed)
+            if result.skipped:
+                state.skipped_steps += 1
+                streak += 1
+                report.say(
+                    f"step {state.step}: non-finite loss or gradient (loss {result.loss}), "
+                    f"update skipped ({streak} in a row)"
+                )
+            else:
+                streak = 0
+            if streak >= cfg.train.max_skipped_steps:
+                report.log(state.step, values)
+                latest = self.checkpoints.latest()
+                report.say(
+                    f"kiln train: stopping: {streak} steps in a row had a NaN or Inf loss or "
+                    f"gradient (train.max_skipped_steps = {cfg.train.max_skipped_steps}). "
+                    f"The last good checkpoint is {latest or 'none (no checkpoint yet)'}; "
+                    "lower optim.lr or check the data before resuming."
+                )
+                return EXIT_DIVERGED
+            if cfg.eval.interval and state.step % cfg.eval.interval == 0:
+                val = self.evaluate()
+                values.update(val_loss=val, val_ppl=perplexity(val))
+            report.log(state.step, values)
+            report.progress(state.step, result.loss, values["tokens_per_s"])
+            if state.step % cfg.logging.interval == 0 or "val_loss" in values:
+                report.say(format_line(state.step, cfg.train.steps, values))
+            stopping = stop.agreed(self.parallel.device)
+            interval = cfg.checkpoint.interval
+            if stopping or (interval and state.step % interval == 0):
+                self.save(state, report)
+                last_saved = state.step
+            if stopping:
+                report.say(
+                    f"kiln train: {stop.signal_name or 'stop requested'}: saved step "
+                    f"{state.step}; run the same command again to resume"
+                )
+                return EXIT_OK
+        if last_saved != state.step:
+            self.save(state, report)
+        if cfg.eval.interval and state.step % cfg.eval.interval:
+            val = self.evaluate()
+            report.log(state.step, {"val_loss": val, "val_ppl": perplexity(val)})
+            report.say(f"step {state.step}: validation loss {val:.4f}")
+        report.say(f"kiln train: done, {state.step} steps; checkpoint {self.checkpoints.latest()}")
+        return EXIT_OK
+
+    def save(self, state: TrainerState, report: Reporter) -> None:
+        path = self.checkpoints.save(self.engine, state, self.config_yaml)
+        report.say(f"step {state.step}: saved {path}")
+
+    def evaluate(self) -> float:
+        batches = self.cfg.eval.batches
+        losses = [self.engine.evaluate(self.data.batches(b, split="valid")) for b in range(batches)]
+        return float(np.mean(losses))
+
+    def _step_metrics(self, result, lr: float, elapsed: float) -> dict:
+        tokens_per_s = self.tokens_per_step / elapsed
+        world = self.parallel.layout.world_size
+        tflops = self.flops_per_token * tokens_per_s / world / 1e12
+        return {
+            "loss": result.loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_device": tflops,
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, world),
+            "step_time_s": elapsed,
+            "memory_mib": memory_mib(self.parallel.device),
+            "skipped": result.skipped,
+        }
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def format_line(step: int, total: int, values: dict) -> str:
+    parts = [f"step {step}/{total}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.2e}"]
+    if values.get("grad_norm") is not None:
+        parts.append(f"grad_norm {values['grad_norm']:.3f}")
+    parts.append(f"{values['tokens_per_s']:,.0f} tok/s")
+    if values.get("mfu") is not None:
+        parts.append(f"MFU {values['mfu']:.1%}")
+    if "val_loss" in values:
+        parts.append(f"val_loss {values['val_loss']:.4f}")
+    return " | ".join(parts)
+
+
+def train(run_dir: Path) -> int:
+    import os
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_config(run_dir / "config.yaml", world_size=world_size)
+    try:
+        trainer = Trainer(cfg, run_dir)
+    except DataDirError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"kiln train: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,339 @@
+"""Training components: LR schedule, FLOPs/MFU, metrics.jsonl, W&B tracking, sampling."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pretrain.config import ModelConfig, load_config
+from pretrain.config.schema import OptimConfig, WandbConfig
+from pretrain.model.sizing import count_parameters, padded_vocab_size
+from pretrain.sampling import sample_next
+from pretrain.train.flops import flops_per_token, matmul_parameters, mfu, peak_flops
+from pretrain.train.schedule import lr_at, lr_lambda
+from pretrain.train.tracking import MetricsLog, WandbTracker
+from tests.conftest import CONFIGS
+
+# ---------------------------------------------------------------- schedule
+
+
+def optim(schedule: str = "cosine", warmup: int = 10) -> OptimConfig:
+    return OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=warmup, schedule=schedule)
+
+
+def test_warmup_ramps_linearly_to_the_peak():
+    cfg = optim()
+    ramp = [lr_at(step, cfg, 100) for step in range(10)]
+    assert ramp == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert ramp[-1] == pytest.approx(cfg.lr)
+    assert lr_at(10, cfg, 100) == pytest.approx(cfg.lr)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decay_is_monotone_and_ends_at_min_lr(schedule):
+    cfg = optim(schedule)
+    decay = [lr_at(step, cfg, 100) for step in range(10, 101)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    assert decay[-1] == pytest.approx(cfg.min_lr)
+    assert lr_at(500, cfg, 100) == pytest.approx(cfg.min_lr)
+
+
+def test_cosine_midpoint_and_linear_midpoint():
+    assert lr_at(55, optim("cosine"), 100) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert lr_at(55, optim("linear"), 100) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert lr_at(30, optim("linear"), 100) == pytest.approx(1e-3 - 0.9e-3 * 20 / 90)
+
+
+def test_constant_schedule_and_no_warmup():
+    assert {lr_at(s, optim("constant"), 100) for s in range(10, 100)} == {1e-3}
+    assert lr_at(0, optim("cosine", warmup=0), 100) == pytest.approx(1e-3)
+
+
+def test_lambda_lr_follows_lr_at():
+    cfg = optim()
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([parameter], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 40))
+    seen = []
+    for _ in range(40):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert seen == pytest.approx([lr_at(s, cfg, 40) for s in range(40)])
+
+
+# ---------------------------------------------------------------- flops
+
+
+def small(arch: str, tie: bool | None = None) -> ModelConfig:
+    return ModelConfig(
+        arch=arch,
+        num_layers=2,
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=128 if arch == "llama" else 256,
+        vocab_size=200,  # padded to 256
+        max_seq_length=32,
+        tie_embeddings=tie,
+    )
+
+
+def test_flops_hand_computed_llama():
+    h, k, f, vocab, layers, seq = 64, 32, 128, 256, 2, 32
+    per_layer = h * (h + 2 * k) + h * h + 3 * h * f + 2 * h
+    n_matmul = layers * per_layer + h + vocab * h  # final norm + output layer, no lookup table
+    assert n_matmul == 90432
+    expected = 6 * n_matmul + 12 * layers * h * seq
+    assert flops_per_token(small("llama"), seq) == expected == 591744
+
+
+def test_flops_hand_computed_gpt():
+    h, k, f, vocab, layers, seq = 64, 32, 256, 256, 2, 16
+    attention = h * (h + 2 * k) + (h + 2 * k) + h * h + h
+    per_layer = attention + 2 * h * f + f + h + 4 * h
+    n_matmul = layers * per_layer + 2 * h + vocab * h  # tied; learned positions excluded
+    assert n_matmul == 108160
+    assert flops_per_token(small("gpt"), seq) == 6 * n_matmul + 12 * layers * h * seq
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt"])
+def test_tying_removes_the_lookup_table_but_no_flops(arch):
+    tied, untied = small(arch, tie=True), small(arch, tie=False)
+    table = padded_vocab_size(200) * 64
+    assert count_parameters(untied, 256) - count_parameters(tied, 256) == table
+    assert matmul_parameters(untied) == matmul_parameters(tied)
+    assert flops_per_token(untied, 32) == flops_per_token(tied, 32)
+
+
+def test_flops_use_the_padded_vocabulary():
+    model = small("llama")
+    assert matmul_parameters(model, tensor=4) - matmul_parameters(model) == (512 - 256) * 64
+
+
+def hf_model(model: ModelConfig, vocab: int) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if model.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=model.hidden_size,
+            intermediate_size=model.ffn_hidden_size,
+            num_hidden_layers=model.num_layers,
+            num_attention_heads=model.num_heads,
+            num_key_value_heads=model.num_kv_heads,
+            max_position_embeddings=model.max_seq_length,
+            tie_word_embeddings=model.tie_embeddings,
+            attn_implementation="eager",
+        )
+        return LlamaForCausalLM(config)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=model.hidden_size,
+        n_inner=model.ffn_hidden_size,
+        n_layer=model.num_layers,
+        n_head=model.num_heads,
+        n_positions=model.max_seq_length,
+        tie_word_embeddings=model.tie_embeddings,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt"])
+def test_formula_matches_torch_flop_counter(arch):
+    """The matmul FLOPs torch counts in a real forward + backward are the formula's, less
+    6 x the norm weights and biases (1-D parameters), which the formula counts in."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = small(arch).model_copy(update={"num_kv_heads": 4})  # GPT-2 has no GQA
+    batch, seq = 2, 32
+    net = hf_model(model, padded_vocab_size(model.vocab_size))
+    ids = torch.randint(0, model.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        net(ids, labels=ids).loss.backward()
+    measured = counter.get_total_flops() / (batch * seq)
+    elementwise = sum(p.numel() for p in net.parameters() if p.dim() == 1)
+    assert measured + 6 * elementwise == flops_per_token(model, seq)
+
+
+def preset(name: str) -> ModelConfig:
+    model = load_config(CONFIGS / "model" / f"{name}.yaml").model
+    assert model is not None
+    return model
+
+
+def test_presets():
+    llama = preset("llama-7b")
+    attention = 12 * 32 * 4096 * 2048
+    assert flops_per_token(llama, 2048) - attention == pytest.approx(6 * 6.74e9, rel=0.03)
+    assert flops_per_token(llama, 4096) - flops_per_token(llama, 2048) == attention
+    gpt = preset("125m")
+    n_matmul = count_parameters(gpt, padded_vocab_size(50257)) - 2048 * 768
+    assert flops_per_token(gpt, 2048) == 6 * n_matmul + 12 * 12 * 768 * 2048
+    assert 0.9e9 < flops_per_token(gpt, 2048) < 1.0e9
+
+
+def test_peak_flops_lookup():
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "fp32") == 494.5e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_flops("NVIDIA H200", "fp16") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert peak_flops("NVIDIA L4", "bf16") == 121e12
+    assert peak_flops("NVIDIA L40S", "bf16") == 362e12
+    assert peak_flops("NVIDIA A10G", "tf32") == 62.5e12
+    assert peak_flops("Tesla V100-SXM2-16GB", "bf16") == 125e12
+    assert peak_flops("NVIDIA GeForce RTX 4090", "bf16") == 165e12
+    assert peak_flops("cpu", "fp32") is None
+    assert peak_flops(None, "bf16") is None
+    assert peak_flops("NVIDIA L40", "bf16") is None  # not mistaken for an L4
+    with pytest.raises(ValueError, match="precision"):
+        peak_flops("NVIDIA H200", "int8")
+
+
+def test_mfu():
+    assert mfu(1000.0, 1e12, 1e15, 2) == pytest.approx(0.5)
+    assert mfu(1000.0, 1e12, None, 2) is None
+
+
+# ---------------------------------------------------------------- metrics.jsonl
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_log_lines_and_non_finite(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLog(path) as log:
+        log.log({"loss": 2.5, "grad_norm": math.nan, "lr": torch.tensor(1e-3)}, step=1)
+        log.log({"loss": math.inf, "tokens": 10}, step=2)
+        assert len(path.read_text().splitlines()) == 2  # flushed while open
+    assert read_lines(path) == [
+        {"step": 1, "loss": 2.5, "grad_norm": None, "lr": pytest.approx(1e-3)},
+        {"step": 2, "loss": None, "tokens": 10},
+    ]
+
+
+def test_metrics_log_truncate_after_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in range(1, 6):
+        log.log({"loss": float(step)}, step=step)
+    log.close()
+    with path.open("a") as f:
+        f.write('{"step": 6, "lo')  # torn by a crash
+    resumed = MetricsLog(path)
+    resumed.truncate_after(3)
+    for step in range(4, 6):
+        resumed.log({"loss": float(step)}, step=step)
+    resumed.close()
+    assert [r["step"] for r in read_lines(path)] == [1, 2, 3, 4, 5]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+# ---------------------------------------------------------------- W&B
+
+
+@pytest.fixture
+def wandb_home(tmp_path, monkeypatch):
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "home" / var.lower()))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    return tmp_path
+
+
+def test_wandb_offline_run_resumes_with_the_same_id(wandb_home):
+    run_dir = wandb_home / "run"
+    cfg = WandbConfig(mode="offline", project="kiln-test")
+    tracker = WandbTracker.start(run_dir, cfg, {"model": {"num_layers": 2}})
+    run_id = tracker.run_id
+    assert run_id and (run_dir / "wandb_run_id").read_text().strip() == run_id
+    for step in range(1, 4):
+        tracker.log({"loss": 1.0 / step, "mfu": None}, step=step)
+    tracker.finish()
+
+    again = WandbTracker.start(run_dir, cfg, {"model": {"num_layers": 2}})
+    assert again.run_id == run_id
+    again.log({"loss": 0.1}, step=4)
+    again.finish()
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)
+    assert all(list((run_dir / "wandb" / name).glob("*.wandb")) for name in runs)
+
+
+def test_wandb_disabled_creates_nothing(wandb_home):
+    run_dir = wandb_home / "run"
+    tracker = WandbTracker.start(run_dir, WandbConfig(mode="disabled"), {})
+    tracker.log({"loss": 1.0}, step=1)
+    tracker.finish()
+    assert tracker.run_id is None and not run_dir.exists()
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def logits(batch: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax():
+    x = logits()
+    assert torch.equal(sample_next(x, temperature=0.0), x.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0])
+def test_top_k_one_is_greedy(temperature):
+    x = logits()
+    gen = torch.Generator().manual_seed(1)
+    assert torch.equal(sample_next(x, temperature, top_k=1, generator=gen), x.argmax(-1))
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token():
+    x = logits()
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        assert torch.equal(sample_next(x, 5.0, top_p=1e-6, generator=gen), x.argmax(-1))
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    x = logits(batch=1, vocab=20)
+    allowed = set(x[0].topk(3).indices.tolist())
+    gen = torch.Generator().manual_seed(3)
+    drawn = {int(sample_next(x, 10.0, top_k=3, generator=gen)) for _ in range(200)}
+    assert drawn == allowed
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    drawn = {int(sample_next(probs, 1.0, top_p=0.75, generator=gen)) for _ in range(200)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 is the smallest set reaching 0.75
+
+
+def test_sampling_is_deterministic_with_a_seeded_generator():
+    x = logits(batch=8)
+
+    def draw(seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.stack([sample_next(x, 1.0, 10, 0.9, gen) for _ in range(5)])
+
+    assert torch.equal(draw(7), draw(7))
+    assert draw(7).shape == (5, 8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
+def test_invalid_sampling_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_next(logits(), **{"temperature": 1.0, **kwargs})
