@@ -222,6 +222,13 @@ class KilnConfig(ConfigSection):
             self._check_model_against_layout()
         self._resolve_data_parallel(world_size)
         self._resolve_batch()
+        if self.train.precision == "bf16" and self.parallel.zero_stage == 0:
+            raise rule_violation(
+                "parallel.zero_stage",
+                0,
+                "bf16 training keeps its fp32 master weights in DeepSpeed's ZeRO optimizer: "
+                "use stage 1 or above (on one process stage 1 costs nothing)",
+            )
         if self.optim.warmup_steps > self.train.steps:
             raise rule_violation(
                 "optim.warmup_steps",

@@ -36,6 +36,10 @@ from .tracking import MetricsLog, WandbTracker
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 3, 2
 
 
+class RunError(ValueError):
+    """A user mistake found only where the ranks run (the data, the device)."""
+
+
 class TrainingData:
     """This data-parallel rank's micro-batches of any step, training or validation."""
 
@@ -163,6 +167,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed % 2**32)
         device = pick_device()
+        if device.type == "cpu" and cfg.train.precision == "fp16":
+            raise RunError("train.precision = fp16: DeepSpeed has no fp16 on CPU; use bf16 or fp32")
         init_distributed(device)
         layout = Layout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data)
         self.parallel = setup_parallel(layout, device)
@@ -318,7 +324,7 @@ def train(run_dir: Path) -> int:
     cfg = load_config(run_dir / "config.yaml", world_size=world_size)
     try:
         trainer = Trainer(cfg, run_dir)
-    except DataDirError as error:
+    except (DataDirError, RunError) as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"kiln train: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
