@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.kiln-installed
 
-.PHONY: setup test lint format
+.PHONY: setup demo test lint format
 
 setup: $(STAMP)
 
@@ -17,6 +17,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	@touch $@
+
+# The whole job on the embedded corpus: prepare data, train the tiny model (a fresh run each
+# time), evaluate, and sample text from it. About 10 minutes on a 2-core CPU.
+DEMO_RUN := runs/demo/train
+demo: setup
+	$(VENV)/bin/kiln data prepare configs/data/demo.yaml
+	rm -rf $(DEMO_RUN)
+	$(VENV)/bin/kiln train configs/train/tiny.yaml --run-dir $(DEMO_RUN)
+	$(VENV)/bin/kiln generate $(DEMO_RUN) --prompt "def " --max-new-tokens 80 --temperature 0.7 --top-k 40
 
 test: setup
 	$(PY) -m pytest tests

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from data_pipeline import atomic
 from pretrain.model.pipeline import canonical_name
 
-FAULT_ENV = "KILN_TEST_FAULT"  # fault injection for the crash tests: "kill-during-save@STEP"
+FAULT_ENV = "KILN_TEST_FAULT"  # fault injection for the crash tests, see fault_active
 
 
 @dataclass
@@ -128,9 +128,24 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if (path / "trainer_state.json").is_file() else None
 
 
+def fault_active(name: str, step: int) -> bool:
+    """Whether the crash tests asked for fault `name` at `step`: KILN_TEST_FAULT holds
+    comma-separated `name@STEP`, `name@FIRST-LAST` or `name@FIRST-` items."""
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        fault, _, steps = item.strip().partition("@")
+        if fault != name or not steps:
+            continue
+        first, dash, last = steps.partition("-")
+        low = int(first)
+        high = (int(last) if last else step) if dash else low
+        if low <= step <= high:
+            return True
+    return False
+
+
 def fault_point(name: str, step: int) -> None:
     """Die here, as a power cut would, when the crash tests ask for it."""
-    if os.environ.get(FAULT_ENV) == f"{name}@{step}":
+    if fault_active(name, step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

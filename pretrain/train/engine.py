@@ -62,9 +62,12 @@ class PipelineLoss:
 
     def __init__(self) -> None:
         self.guard: NonFiniteGuard | None = None
+        self.poison = False
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = cross_entropy(logits, targets)
+        if self.poison:
+            loss = loss * float("nan")
         if self.guard is not None and not torch.isfinite(loss.detach()):
             self.guard.loss_nonfinite = True
         return loss
@@ -131,8 +134,10 @@ class TrainEngine:
         for group in self.guard.param_groups:
             group["lr"] = lr
 
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], lr: float, poison: bool = False) -> StepResult:
+        """One optimizer step; `poison` makes the loss NaN (the failure tests' fault)."""
         self.set_lr(lr)
+        self.loss_fn.poison = poison
         self.guard.begin_step()
         micro_batches = [self._to_device(b) for b in micro_batches]
         if self.pipelined:
@@ -141,6 +146,8 @@ class TrainEngine:
             losses = []
             for inputs, targets in micro_batches:
                 micro_loss = self.engine(inputs, targets)
+                if poison:
+                    micro_loss = micro_loss * float("nan")
                 if not torch.isfinite(micro_loss.detach()):
                     self.guard.loss_nonfinite = True
                 self.engine.backward(micro_loss)

@@ -27,7 +27,7 @@ from pretrain.data.stream import read_manifest
 from pretrain.model.sizing import count_parameters, human_count
 from pretrain.parallel.layout import Layout, init_distributed, pick_device, setup_parallel
 
-from .checkpoint import CheckpointManager, TrainerState
+from .checkpoint import CheckpointManager, TrainerState, fault_active
 from .engine import Batch, TrainEngine
 from .flops import flops_per_token, mfu, peak_flops
 from .schedule import lr_at
@@ -215,16 +215,17 @@ class Trainer:
     ) -> int:
         cfg = self.cfg
         last_saved = state.step if evaluate_first is False else None
+        first_val = val = None
         if evaluate_first and cfg.eval.interval:
-            val = self.evaluate()
+            first_val = val = self.evaluate()
             report.log(state.step, {"val_loss": val, "val_ppl": perplexity(val)})
             report.say(f"step {state.step}: validation loss {val:.4f} (before training)")
         streak = 0
-        val = None
         while state.step < cfg.train.steps:
             started = time.perf_counter()
             lr = lr_at(state.step, cfg.optim, cfg.train.steps)
-            result = self.engine.train_step(self.data.batches(state.step), lr)
+            poison = fault_active("nan-loss", state.step + 1)
+            result = self.engine.train_step(self.data.batches(state.step), lr, poison)
             elapsed = time.perf_counter() - started
             state.step += 1
             state.consumed_samples += cfg.train.global_batch_size
@@ -272,6 +273,8 @@ class Trainer:
             val = self.evaluate()
             report.log(state.step, {"val_loss": val, "val_ppl": perplexity(val)})
             report.say(f"step {state.step}: validation loss {val:.4f}")
+        if first_val is not None and val is not None:
+            report.say(f"validation loss {first_val:.4f} -> {val:.4f} over {state.step} steps")
         report.say(f"kiln train: done, {state.step} steps; checkpoint {self.checkpoints.latest()}")
         return EXIT_OK
 

@@ -1,0 +1,212 @@
+"""`kiln train` end to end in real gloo processes: parallel layouts give the numbers of one
+process, a killed run resumes bit-identically, failures are skipped or stop the run cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.train.checkpoint import latest_checkpoint
+from pretrain.train.weights import consolidated_weights
+from tests.conftest import run_kiln
+from tests.training_support import VOCAB, losses, records, train, train_until, write_data_dir
+
+LAYOUTS: dict[str, tuple[int, list[str]]] = {
+    "single": (1, []),
+    "tp2": (2, ["parallel.tensor=2"]),
+    "pp2": (2, ["parallel.pipeline=2"]),
+    "dp2-zero0": (2, ["parallel.zero_stage=0"]),
+    "dp2-zero1": (2, ["parallel.zero_stage=1"]),
+    "dp2-zero2": (2, ["parallel.zero_stage=2"]),
+    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
+    "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    # GPT: tied embeddings, kept on the first and the last stage; learned positions; biases.
+    "gpt-single": (1, ["model.arch=gpt"]),
+    "gpt-tp2-pp2": (4, ["model.arch=gpt", "parallel.tensor=2", "parallel.pipeline=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_data_dir(tmp_path_factory.mktemp("data") / "prepared")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
+    """Each layout's complete 10-step run, trained once per test session."""
+    root = tmp_path_factory.mktemp("runs")
+    done: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in done:
+            nproc, overrides = LAYOUTS[name]
+            result = train(data, root / name, nproc, *overrides)
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+            done[name] = root / name
+        return done[name]
+
+    return run
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint is not None and checkpoint.name == "step_00000010"
+    return consolidated_weights(checkpoint, VOCAB)
+
+
+@pytest.mark.parametrize(
+    "name,reference",
+    [
+        ("tp2", "single"),
+        ("pp2", "single"),
+        ("dp2-zero0", "single"),
+        ("dp2-zero1", "single"),
+        ("dp2-zero2", "single"),
+        ("dp2-zero3", "single"),
+        ("tp2-pp2", "single"),
+        ("gpt-tp2-pp2", "gpt-single"),
+    ],
+)
+def test_parallel_layout_matches_one_process(runs, name, reference):
+    expected, got = losses(runs(reference)), losses(runs(name))
+    assert sorted(expected) == list(range(1, 11))
+    assert expected[10] < expected[1] - 0.2, "the reference run did not learn"
+    assert got.keys() == expected.keys()
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
+    norms = {r["step"]: r["grad_norm"] for r in records(runs(reference)) if "loss" in r}
+    for r in records(runs(name)):
+        if "loss" in r:
+            assert r["grad_norm"] == pytest.approx(norms[r["step"]], rel=1e-4)
+    mine, theirs = final_weights(runs(name)), final_weights(runs(reference))
+    assert mine.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", ["dp2-zero1", "pp2"])
+def test_sigkill_then_resume_gives_bit_identical_losses(runs, data, tmp_path, name):
+    nproc, overrides = LAYOUTS[name]
+    expected = losses(runs(name))
+    run_dir = tmp_path / name
+    code = train_until(data, run_dir, nproc, 4, signal.SIGKILL, *overrides)
+    assert code == -signal.SIGKILL
+    killed_at = latest_checkpoint(run_dir / "checkpoints")
+    assert killed_at is not None and killed_at.name != "step_00000010"
+    result = train(data, run_dir, nproc, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {killed_at}" in result.stdout
+    assert losses(run_dir) == expected  # exact: bit-identical
+    steps = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert steps == list(range(1, 11)), "each step logged once"
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(runs, data, tmp_path):
+    nproc, overrides = LAYOUTS["dp2-zero1"]
+    run_dir = tmp_path / "run"
+    crashed = train(data, run_dir, nproc, *overrides, fault="kill-during-save@6")
+    assert crashed.returncode == 128 + signal.SIGKILL
+    assert (run_dir / "checkpoints/.staging/step_00000006").is_dir()  # the half-written one
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000003"
+    resumed = train(data, run_dir, nproc, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_00000003" in resumed.stdout
+    assert losses(run_dir) == losses(runs("dp2-zero1"))
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000009", "step_00000010"]  # checkpoint.keep = 2
+
+
+def test_sigterm_saves_then_a_rerun_continues_the_same_wandb_run(data, tmp_path):
+    run_dir = tmp_path / "run"
+    wandb = ["logging.wandb.mode=offline"]
+    code = train_until(data, run_dir, 1, 3, signal.SIGTERM, *wandb)
+    assert code == 0
+    stopped = json.loads(
+        (latest_checkpoint(run_dir / "checkpoints") / "trainer_state.json").read_text()
+    )
+    assert 3 <= stopped["step"] < 10
+    assert stopped["consumed_samples"] == 8 * stopped["step"]
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    result = train(data, run_dir, 1, *wandb)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    offline_runs = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline_runs) == 2 and all(
+        (d / f"run-{run_id}.wandb").is_file() for d in offline_runs
+    )
+    logged = records(run_dir)
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 11))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device"} <= logged[
+        1
+    ].keys()
+    assert [r["step"] for r in logged if "val_loss" in r] == [0, 5, 10]
+
+
+def test_nan_steps_are_skipped_and_logged(data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(data, run_dir, 2, "parallel.zero_stage=1", fault="nan-loss@3-4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_step = {r["step"]: r for r in records(run_dir) if "loss" in r}
+    assert [s for s, r in by_step.items() if r["skipped"]] == [3, 4]
+    assert by_step[3]["loss"] is None and by_step[4]["loss"] is None  # NaN is logged as null
+    assert all(by_step[s]["loss"] is not None for s in (5, 6, 7, 8, 9, 10))
+    assert "update skipped (2 in a row)" in result.stdout
+    state = json.loads(
+        (latest_checkpoint(run_dir / "checkpoints") / "trainer_state.json").read_text()
+    )
+    assert state["skipped_steps"] == 2
+
+
+def test_too_many_nan_steps_stop_the_run_with_good_weights_saved(data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(data, run_dir, 1, "train.max_skipped_steps=3", fault="nan-loss@5-")
+    assert result.returncode == 3
+    assert "3 steps in a row had a NaN or Inf loss or gradient" in result.stdout
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    assert latest.name == "step_00000006"
+    weights = consolidated_weights(latest, VOCAB)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_generate_is_greedy_at_temperature_zero_and_layout_independent(runs):
+    def greedy(run_dir: Path) -> str:
+        args = ["--prompt", "the", "--max-new-tokens", "12", "--temperature", "0"]
+        result = run_kiln("generate", str(run_dir), *args)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.strip()
+
+    text = greedy(runs("single"))
+    assert text.startswith("the") and len(text) > len("the")
+    assert greedy(runs("single")) == text
+    assert greedy(runs("tp2-pp2")) == text  # the same model, trained split four ways
+    sampled = run_kiln(
+        "generate", str(runs("single")), "--prompt", "the", "--top-k", "20", "--top-p", "0.9"
+    )
+    assert sampled.returncode == 0 and sampled.stdout.startswith("the")
+
+
+def test_generate_rejects_a_directory_without_checkpoints(tmp_path):
+    result = run_kiln("generate", str(tmp_path), "--prompt", "x")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("parallel.tensor=3", "parallel.tensor = 3"),
+        ("data.path=/nonexistent/data", "run `kiln data prepare` first"),
+        ("train.precision=bf16", "parallel.zero_stage = 0"),
+    ],
+)
+def test_invalid_runs_fail_before_any_process_starts(data, tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    result = train(data, run_dir, 2, override)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not run_dir.exists()

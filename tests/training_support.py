@@ -1,0 +1,160 @@
+"""Shared by the training tests: a small prepared data directory, `kiln train` runs, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.config import TokenizerConfig
+from data_pipeline.format import ShardWriter
+from data_pipeline.tokenizer import DocumentEncoder, save_tokenizer, train_tokenizer
+from tests.conftest import REPO, kiln_executable
+from tests.corpus import distinct_documents
+
+VOCAB = 512
+# A small llama (GQA, untied) that every layout can split: 4 layers for 2 stages, 4 heads and
+# 2 KV heads for 2 TP ranks. 10 steps of 8 sequences of 64 tokens.
+SMALL = [
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=128",
+    "model.max_seq_length=64",
+    f"model.vocab_size={VOCAB}",
+    "train.seq_length=64",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.steps=10",
+    "optim.warmup_steps=2",
+    "eval.interval=5",
+    "eval.batches=2",
+    "checkpoint.interval=3",
+    "checkpoint.keep=2",
+    "logging.interval=5",
+    "logging.wandb.mode=disabled",
+]
+
+
+def write_data_dir(root: Path, documents: int = 400) -> Path:
+    """Real text through a real tokenizer into shards and a manifest, without Ray."""
+    _, _, texts = distinct_documents(seed=11, count=documents, min_words=40, max_words=200)
+    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=VOCAB))
+    root.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, root / "tokenizer.json")
+    encoder = DocumentEncoder(tokenizer, "<|endoftext|>", max_piece_chars=100_000)
+    encoded = encoder.encode(texts)
+    shards = []
+    for name, docs in (("train_00000", encoded[:-20]), ("valid_00000", encoded[-20:])):
+        with ShardWriter(root / name, encoder.dtype) as writer:
+            for ids in docs:
+                writer.add_document(ids)
+        split = name.split("_")[0]
+        tokens = int(sum(len(d) for d in docs))
+        shards.append({"name": name, "split": split, "documents": len(docs), "tokens": tokens})
+    manifest = {
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "vocab_size": tokenizer.get_vocab_size(),
+            "eos_token": "<|endoftext|>",
+            "eos_id": encoder.eos_id,
+            "dtype": np.dtype(encoder.dtype).name,
+        },
+        "shards": shards,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def train_command(data: Path, run_dir: Path, nproc: int, *overrides: str) -> list[str]:
+    return [
+        kiln_executable(),
+        "train",
+        str(REPO / "configs/train/tiny.yaml"),
+        "--nproc",
+        str(nproc),
+        "--run-dir",
+        str(run_dir),
+        f"data.path={data}",
+        *SMALL,
+        *overrides,
+    ]
+
+
+def environment(fault: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("KILN_TEST_FAULT", None)
+    if fault:
+        env["KILN_TEST_FAULT"] = fault
+    return env
+
+
+def train(
+    data: Path, run_dir: Path, nproc: int, *overrides: str, fault: str | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        train_command(data, run_dir, nproc, *overrides),
+        cwd=REPO,
+        env=environment(fault),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def train_until(data: Path, run_dir: Path, nproc: int, step: int, sig: int, *overrides: str) -> int:
+    """Start a run; once `step` is in metrics.jsonl send `sig` (SIGKILL: to the whole process
+    group, as a node failure; otherwise to the launcher only, as Slurm would). Exit code."""
+    process = subprocess.Popen(
+        train_command(data, run_dir, nproc, *overrides),
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while step not in logged_steps(run_dir):
+            if process.poll() is not None:
+                raise AssertionError(f"the run ended before step {step}: {process.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"step {step} never logged")
+            time.sleep(0.02)
+        if sig == signal.SIGKILL:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.send_signal(sig)
+        process.wait(timeout=120)
+        return process.returncode
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+            out.append(json.loads(line))
+    return out
+
+
+def logged_steps(run_dir: Path) -> set[int]:
+    return {r["step"] for r in records(run_dir) if "loss" in r}
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
