@@ -24,6 +24,9 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "dp2-zero2": (2, ["parallel.zero_stage=2"]),
     "dp2-zero3": (2, ["parallel.zero_stage=3"]),
     "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    # Activation checkpointing: recomputed blocks give the same numbers.
+    "recompute": (1, ["train.activation_checkpointing=true"]),
+    "pp2-recompute": (2, ["parallel.pipeline=2", "train.activation_checkpointing=true"]),
     # GPT: tied embeddings, kept on the first and the last stage; learned positions; biases.
     "gpt-single": (1, ["model.arch=gpt"]),
     "gpt-tp2-pp2": (4, ["model.arch=gpt", "parallel.tensor=2", "parallel.pipeline=2"]),
@@ -68,6 +71,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
         ("dp2-zero2", "single"),
         ("dp2-zero3", "single"),
         ("tp2-pp2", "single"),
+        ("recompute", "single"),
+        ("pp2-recompute", "single"),
         ("gpt-tp2-pp2", "gpt-single"),
     ],
 )
