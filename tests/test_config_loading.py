@@ -84,7 +84,7 @@ def test_overrides_are_typed_by_the_schema():
 def test_override_of_a_list_item():
     cfg = load_config(
         CONFIGS / "train/tiny.yaml",
-        ["data.blend=[{path: a}, {path: b}]", "data.blend.1.weight=3"],
+        ["data.path=null", "data.blend=[{path: a}, {path: b}]", "data.blend.1.weight=3"],
     )
     assert [(b.path, b.weight) for b in cfg.data.blend] == [("a", 1.0), ("b", 3.0)]
 

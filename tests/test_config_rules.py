@@ -56,7 +56,7 @@ BAD = [
     (["optim.warmup_steps=301"], "optim.warmup_steps", "301", "must not exceed train.steps"),
     (["tokenizer.vocab_size=9000"], "tokenizer.vocab_size", "9000", "model.vocab_size (8192)"),
     (["data.path=a", "data.blend=[{path: b}]"], "data.blend", "[...]", "not both"),
-    (["data.blend=[]"], "data.blend", "[]", "at least one entry"),
+    (["data.path=null", "data.blend=[]"], "data.blend", "[]", "at least one entry"),
     (
         ["cluster.gpus_per_node=8", "cluster.procs_per_node=2"],
         "cluster.procs_per_node",
