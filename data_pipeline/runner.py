@@ -160,7 +160,7 @@ def _timed(timings: dict[str, float], name: str):
 def _ray(address: str | None):
     """Connect to the cluster at `address`, or start Ray on this machine; yield its CPU count."""
     if address:
-        _use_token_auth_if_available()  # before importing ray, which reads it at import
+        use_ray_token_auth_if_available()  # before importing ray, which reads it at import
     import ray
     import ray.data
 
@@ -209,7 +209,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def _use_token_auth_if_available() -> None:
+def use_ray_token_auth_if_available() -> None:
     """`ray start` turns token authentication on when a token exists, but a driver connecting by
     address does not (Ray 2.60): do for the driver what `ray start` did for the cluster."""
     if "RAY_AUTH_MODE" in os.environ:

@@ -9,13 +9,11 @@ the resolved configuration into the run directory, and starts N local ranks of
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
-from pretrain.config import KilnConfig, dump_config, load_config
+from cluster.rundir import check_trainable, prepare_run_dir
+from pretrain.config import load_config
 from pretrain.config.errors import ConfigError
 
 from .config_commands import add_config_arguments
@@ -65,57 +63,6 @@ def _train(args: argparse.Namespace) -> int:
     prepare_run_dir(cfg, run_dir, resume=not args.no_resume)
     command = [sys.executable, "-m", RANK_MODULE, "--run-dir", str(run_dir)]
     return launch_local(command, cfg.world_size, log_dir=run_dir / "logs")
-
-
-def check_trainable(cfg: KilnConfig) -> None:
-    """What must hold before processes start: a model, and prepared data where it says."""
-    if cfg.model is None:
-        raise ConfigError("model = None: a training configuration needs a model section")
-    if cfg.data.blend:
-        paths = [entry.path for entry in cfg.data.blend]
-        key = "data.blend"
-    elif cfg.data.path:
-        paths, key = [cfg.data.path], "data.path"
-    else:
-        raise ConfigError("data.path = None: set data.path (or data.blend) to prepared shards")
-    for path in paths:
-        if not (Path(path) / "manifest.json").is_file():
-            raise ConfigError(
-                f"{key} = {path}: no manifest.json there; run `kiln data prepare` first"
-            )
-    cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else None
-    for entry in cfg.data.blend or []:
-        entry.path = str(Path(entry.path).resolve())
-
-
-def prepare_run_dir(cfg: KilnConfig, run_dir: Path, resume: bool) -> None:
-    """Write the resolved configuration and the tokenizer; check a resumed run's shape."""
-    from data_pipeline.atomic import write_text
-
-    checkpoint_pointer = run_dir / "checkpoints" / "latest"
-    if checkpoint_pointer.is_file():
-        if not resume:
-            raise ConfigError(
-                f"--run-dir = {run_dir}: holds a checkpoint and --no-resume was given; "
-                "choose another run directory or remove it"
-            )
-        previous = yaml.safe_load((run_dir / "config.yaml").read_text())
-        now = cfg.model_dump(mode="json")
-        for key in ("model", "parallel.tensor", "parallel.pipeline"):
-            section, _, field = key.partition(".")
-            before = previous[section][field] if field else previous[section]
-            after = now[section][field] if field else now[section]
-            if before != after:
-                raise ConfigError(
-                    f"{key} = {after}: the checkpoint in {run_dir} was trained with "
-                    f"{before}; resume with the same value or use another --run-dir"
-                )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", dump_config(cfg))
-    data_dir = Path(cfg.data.path or cfg.data.blend[0].path)
-    manifest = yaml.safe_load((data_dir / "manifest.json").read_text())
-    shutil.copyfile(data_dir / manifest["tokenizer"]["file"], run_dir / ".tokenizer.json.tmp")
-    (run_dir / ".tokenizer.json.tmp").replace(run_dir / "tokenizer.json")
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""Kubernetes: Kubeflow PyTorchJob manifests for training runs, and the kubectl wrappers."""

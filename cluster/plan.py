@@ -1,0 +1,117 @@
+"""The launch plan of a training run on N nodes: who runs what, where, with which environment.
+
+Every scheduler starts the same thing: one launcher per node, `torchrun` with a static
+rendezvous on the first node (`--node-rank`, `--master-addr`, `--master-port`), which starts
+the node's ranks of `python -m pretrain.train.main --run-dir DIR`. torchrun rather than the
+DeepSpeed launcher: the DeepSpeed launcher reaches the other nodes over ssh (or needs its own
+MPI/Slurm integration), while a per-node torchrun is what `srun`, a Kubernetes pod and a
+terminal can all start; static ranks (node_rank x procs_per_node + local_rank) keep the tensor
+parallel groups inside a node. `--shutdown-timeout` gives ranks that received SIGTERM time to
+finish their checkpoint before torchrun kills them.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.config import KilnConfig, load_config
+from pretrain.config.errors import ConfigError
+
+RANK_MODULE = "pretrain.train.main"
+MASTER_PORT = 29500
+SHUTDOWN_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    scheduler: str
+    nodes: int
+    procs_per_node: int
+    gpus_per_node: int
+    run_dir: Path
+    master_port: int = MASTER_PORT
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    def node_command(
+        self, node_rank: int | str, master_addr: str, python: str = "python"
+    ) -> list[str]:
+        """The command one node runs; node_rank and master_addr may be shell variables."""
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={self.nodes}",
+            f"--nproc-per-node={self.procs_per_node}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={master_addr}",
+            f"--master-port={self.master_port}",
+            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
+            "--max-restarts=0",
+            "-m",
+            RANK_MODULE,
+            "--run-dir",
+            str(self.run_dir),
+        ]
+
+    def node_command_line(self, node_rank: str, master_addr: str, python: str = "python") -> str:
+        """`node_command` as one shell line, leaving `$VARIABLES` for the shell to expand."""
+        parts = self.node_command(node_rank, master_addr, python)
+        return " ".join(p if "$" in p else shlex.quote(p) for p in parts)
+
+
+def resolve_nodes(
+    cfg: KilnConfig, nodes: int | None, gpus_per_node: int | None, procs_per_node: int | None
+) -> tuple[int, int, int]:
+    """(nodes, processes per node, GPUs per node) from the flags, else from `cluster`."""
+    nodes = nodes or cfg.cluster.nodes
+    gpus = cfg.cluster.gpus_per_node if gpus_per_node is None else gpus_per_node
+    if gpus and procs_per_node and procs_per_node != gpus:
+        raise ConfigError(
+            f"--procs-per-node = {procs_per_node}: GPU nodes run one process per GPU "
+            f"(--gpus-per-node = {gpus}); give one of the two"
+        )
+    procs = gpus or procs_per_node or cfg.cluster.procs_per_node
+    if not procs:
+        raise ConfigError(
+            "cluster.gpus_per_node = 0: give --gpus-per-node G, or --procs-per-node P for "
+            "CPU-only nodes"
+        )
+    return nodes, procs, gpus
+
+
+def build_plan(
+    config_path: str | Path,
+    overrides: list[str],
+    scheduler: str,
+    run_dir: Path,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    procs_per_node: int | None = None,
+) -> tuple[KilnConfig, LaunchPlan]:
+    """Validate the configuration for N x G processes and plan the launch; ConfigError (one
+    line) when the layout does not fit."""
+    first = load_config(config_path, overrides)
+    nodes, procs, gpus = resolve_nodes(first, nodes, gpus_per_node, procs_per_node)
+    placement = [
+        f"cluster.scheduler={scheduler}",
+        f"cluster.nodes={nodes}",
+        f"cluster.gpus_per_node={gpus}",
+    ]
+    if not gpus:
+        placement.append(f"cluster.procs_per_node={procs}")
+    cfg = load_config(config_path, [*overrides, *placement], world_size=nodes * procs)
+    if cfg.parallel.tensor > 1 and procs % cfg.parallel.tensor:
+        raise ConfigError(
+            f"parallel.tensor = {cfg.parallel.tensor}: must divide the processes per node "
+            f"({procs}); tensor parallelism stays inside a node"
+        )
+    env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"} if gpus else {}
+    if cfg.logging.wandb.mode != "disabled":
+        env["WANDB_MODE"] = cfg.logging.wandb.mode
+    return cfg, LaunchPlan(scheduler, nodes, procs, gpus, Path(run_dir).resolve(), env=env)

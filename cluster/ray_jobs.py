@@ -1,0 +1,76 @@
+"""Ray: `kiln data prepare` as a job on a Ray cluster, through Ray's Job Submission API.
+
+The job directory (the resolved configuration, nothing else) is uploaded as the job's working
+directory; the entrypoint `kiln data prepare config.yaml` runs on the head node and its Ray
+tasks run across the cluster (it joins the running cluster, `ray.init(address="auto")`).
+`data.path` is made absolute at submission, so it must name storage the cluster's nodes share.
+Kiln must be installed on every node (`kiln` on the PATH of the Ray processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+STATES = {
+    "PENDING": "pending",
+    "RUNNING": "running",
+    "STOPPED": "cancelled",
+    "SUCCEEDED": "completed",
+    "FAILED": "failed",
+}
+
+
+class RayJobError(RuntimeError):
+    """The Ray dashboard is unreachable or refused the request."""
+
+
+def client(address: str):
+    from data_pipeline.runner import use_ray_token_auth_if_available
+
+    use_ray_token_auth_if_available()
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as error:  # noqa: BLE001 - connection errors come in many types
+        raise RayJobError(f"cannot reach the Ray dashboard at {address}: {error}") from None
+
+
+def submit_prepare(address: str, job_dir: Path, name: str) -> str:
+    """Submit `kiln data prepare` of `job_dir/config.yaml`; the Ray job id."""
+    entrypoint = "kiln data prepare config.yaml --no-progress --ray-address auto"
+    try:
+        return client(address).submit_job(
+            entrypoint=entrypoint,
+            runtime_env={"working_dir": str(job_dir)},
+            metadata={"kiln_run": name},
+        )
+    except RayJobError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise RayJobError(f"Ray refused the job: {error}") from None
+
+
+def job_state(address: str, job_id: str) -> tuple[str, str]:
+    raw = str(client(address).get_job_status(job_id).value)
+    return STATES.get(raw, raw.lower()), raw
+
+
+def logs(address: str, job_id: str, follow: bool) -> None:
+    jobs = client(address)
+    if not follow:
+        sys.stdout.write(jobs.get_job_logs(job_id))
+        return
+
+    async def tail() -> None:
+        async for chunk in jobs.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+
+
+def cancel(address: str, job_id: str) -> None:
+    client(address).stop_job(job_id)

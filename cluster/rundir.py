@@ -1,0 +1,85 @@
+"""A run directory as `kiln train` and `kiln submit` prepare it, before any process starts.
+
+DIR/config.yaml       the resolved configuration every rank reads
+DIR/tokenizer.json    the data's tokenizer (generation and export need it)
+DIR/submission.json   where the run was submitted: scheduler, job id, time, script
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretrain.config import KilnConfig, dump_config
+from pretrain.config.errors import ConfigError
+
+SUBMISSION = "submission.json"
+
+
+def check_trainable(cfg: KilnConfig) -> None:
+    """What must hold before processes start: a model, and prepared data where it says."""
+    if cfg.model is None:
+        raise ConfigError("model = None: a training configuration needs a model section")
+    if cfg.data.blend:
+        paths = [entry.path for entry in cfg.data.blend]
+        key = "data.blend"
+    elif cfg.data.path:
+        paths, key = [cfg.data.path], "data.path"
+    else:
+        raise ConfigError("data.path = None: set data.path (or data.blend) to prepared shards")
+    for path in paths:
+        if not (Path(path) / "manifest.json").is_file():
+            raise ConfigError(
+                f"{key} = {path}: no manifest.json there; run `kiln data prepare` first"
+            )
+    cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else None
+    for entry in cfg.data.blend or []:
+        entry.path = str(Path(entry.path).resolve())
+
+
+def prepare_run_dir(cfg: KilnConfig, run_dir: Path, resume: bool) -> None:
+    """Write the resolved configuration and the tokenizer; check a resumed run's shape."""
+    from data_pipeline.atomic import write_text
+
+    checkpoint_pointer = run_dir / "checkpoints" / "latest"
+    if checkpoint_pointer.is_file():
+        if not resume:
+            raise ConfigError(
+                f"--run-dir = {run_dir}: holds a checkpoint and --no-resume was given; "
+                "choose another run directory or remove it"
+            )
+        previous = yaml.safe_load((run_dir / "config.yaml").read_text())
+        now = cfg.model_dump(mode="json")
+        for key in ("model", "parallel.tensor", "parallel.pipeline"):
+            section, _, field = key.partition(".")
+            before = previous[section][field] if field else previous[section]
+            after = now[section][field] if field else now[section]
+            if before != after:
+                raise ConfigError(
+                    f"{key} = {after}: the checkpoint in {run_dir} was trained with "
+                    f"{before}; resume with the same value or use another --run-dir"
+                )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", dump_config(cfg))
+    data_dir = Path(cfg.data.path or cfg.data.blend[0].path)
+    manifest = yaml.safe_load((data_dir / "manifest.json").read_text())
+    shutil.copyfile(data_dir / manifest["tokenizer"]["file"], run_dir / ".tokenizer.json.tmp")
+    (run_dir / ".tokenizer.json.tmp").replace(run_dir / "tokenizer.json")
+
+
+def write_submission(run_dir: Path, **fields: Any) -> dict:
+    record = {"submitted_at": datetime.now(UTC).isoformat(timespec="seconds"), **fields}
+    tmp = run_dir / f".{SUBMISSION}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(run_dir / SUBMISSION)
+    return record
+
+
+def read_submission(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / SUBMISSION
+    return json.loads(path.read_text()) if path.is_file() else None

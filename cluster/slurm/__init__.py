@@ -1,0 +1,1 @@
+"""Slurm: batch scripts for training runs, and the sbatch/squeue/scancel wrappers."""
