@@ -2,9 +2,10 @@
 
 The script asks for N nodes with one task each, finds the head node in Slurm's node list, and
 `srun` starts one torchrun per node (the launch plan's per-node command). Ninety seconds (by
-default) before the time limit Slurm sends USR1 to the batch shell (`--signal=B:USR1@90`); the
-script passes SIGTERM to the job step, training saves a checkpoint and exits, and the script
-requeues the job, which resumes from that checkpoint when it starts again. A preempted job
+default) before the time limit Slurm sends USR1 to the batch shell (`--signal=B:USR1@90`; it
+checks every 30 s, so the signal comes 60-90 s early); the script sends SIGTERM to the job
+step's processes (`scancel --signal=TERM`), training saves a checkpoint and exits, and the
+script requeues the job, which resumes from that checkpoint when it starts again. A preempted job
 (PreemptMode=REQUEUE) gets SIGTERM from Slurm directly, checkpoints the same way, and is
 requeued by Slurm; `--requeue` allows both.
 """
@@ -76,6 +77,7 @@ def render_script(plan: LaunchPlan, options: SlurmOptions) -> str:
 {chr(10).join(f"#SBATCH {d}" for d in directives)}
 set -uo pipefail
 cd {run_dir}
+export PYTHONUNBUFFERED=1
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 {exports}
 {threads}
@@ -86,10 +88,12 @@ requeue=0
 on_time_limit() {{
   echo "kiln: time limit near: checkpointing, then requeueing job $SLURM_JOB_ID"
   requeue=1
-  kill -TERM "$step" 2>/dev/null
+  # SIGTERM to the step's processes only (srun itself would end the step on a signal)
+  scancel --signal=TERM "$SLURM_JOB_ID"
 }}
 trap on_time_limit USR1
-trap 'kill -TERM "$step" 2>/dev/null' TERM
+# Cancel and preemption signal the step's processes themselves; the shell waits for them.
+trap 'echo "kiln: SIGTERM: the job is stopping"' TERM
 
 # srun runs the quoted command once per node; each node's rank comes from SLURM_NODEID.
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(node_line)} &
