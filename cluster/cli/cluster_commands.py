@@ -224,12 +224,31 @@ def _where_to_watch(cfg, run_dir: Path) -> None:
     wandb = cfg.logging.wandb
     print(f"watch: kiln status {run_dir} | kiln logs {run_dir} --follow | kiln report {run_dir}")
     if wandb.mode == "online":
-        entity = f"{wandb.entity}/" if wandb.entity else ""
-        print(f"W&B: https://wandb.ai/{entity}{wandb.project} (run id in {run_dir}/wandb_run_id)")
+        run_id = wandb_run_id(run_dir)
+        if wandb.entity:
+            print(f"W&B: https://wandb.ai/{wandb.entity}/{wandb.project}/runs/{run_id}")
+        else:
+            print(f"W&B: project {wandb.project}, run {run_id} (your default entity)")
     elif wandb.mode == "offline":
         print(
             f"W&B (offline): {run_dir}/wandb; upload with: wandb sync {run_dir}/wandb/offline-run-*"
         )
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run's W&B id, chosen now if training has not started yet: the ranks' tracker
+    reuses `wandb_run_id`, so the URL printed at submission is the run's."""
+    import secrets
+    import string
+
+    path = run_dir / "wandb_run_id"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    tmp = run_dir / ".wandb_run_id.tmp"
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
+    return run_id
 
 
 def _state(run_dir: Path) -> str | None:
