@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 # The whole job on the embedded corpus: prepare data, train the tiny model (a fresh run each
-# time), evaluate, and sample text from it. About 10 minutes on a 2-core CPU.
+# time), evaluate, and sample text from it. About 7 minutes on a 2-core CPU.
 DEMO_RUN := runs/demo/train
 demo: setup
 	$(VENV)/bin/kiln data prepare configs/data/demo.yaml
