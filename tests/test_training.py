@@ -139,7 +139,7 @@ def test_sigterm_saves_then_a_rerun_continues_the_same_wandb_run(data, tmp_path)
     result = train(data, run_dir, 1, *wandb)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
-    offline_runs = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    offline_runs = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}*"))
     assert len(offline_runs) == 2 and all(
         (d / f"run-{run_id}.wandb").is_file() for d in offline_runs
     )
