@@ -9,18 +9,10 @@ from megatron.core import parallel_state
 from pretrain.config import ModelConfig
 from pretrain.model.transformer import Transformer, cross_entropy, gather_logits
 
-# (parameter name, dimension split across TP ranks, or None when replicated)
-PARTITIONED = {
-    "embedding.tokens.weight": 0,
-    "blocks.0.attention.q.weight": 0,
-    "blocks.0.attention.k.weight": 0,
-    "blocks.0.attention.out.weight": 1,
-    "blocks.0.mlp.down.weight": 1,
-    "blocks.1.attention_norm.weight": None,
-}
 
-
-def _gather(tensor: torch.Tensor, dim: int | None, world: int) -> torch.Tensor:
+def _gather(tensor: torch.Tensor, parameter: torch.nn.Parameter, world: int) -> torch.Tensor:
+    """The full tensor of a parameter (or of its gradient) from every TP rank's slice."""
+    dim = parameter.partition_dim if getattr(parameter, "tensor_model_parallel", False) else None
     if dim is None or world == 1:
         return tensor.detach().clone()
     parts = [torch.empty_like(tensor) for _ in range(world)]
@@ -34,16 +26,18 @@ def tensor_parallel_step(
     """Build the model with TP = world, one forward and backward; gathered results."""
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     try:
-        net = Transformer(ModelConfig(**model), tensor=world, seed=seed)
+        config = ModelConfig(**model)
+        net = Transformer(config, tensor=world, seed=seed)
         logits = net(ids)
-        loss = cross_entropy(logits, targets)
+        gathered = gather_logits(logits).detach().clone()  # before the loss overwrites them
+        loss = cross_entropy(logits, targets, config.vocab_size)
         loss.backward()
         parameters = dict(net.named_parameters())
         return {
             "loss": loss.item(),
-            "logits": gather_logits(logits).detach().clone(),
-            "weights": {n: _gather(parameters[n], d, world) for n, d in PARTITIONED.items()},
-            "grads": {n: _gather(parameters[n].grad, d, world) for n, d in PARTITIONED.items()},
+            "logits": gathered,
+            "weights": {n: _gather(p, p, world) for n, p in parameters.items()},
+            "grads": {n: _gather(p.grad, p, world) for n, p in parameters.items()},
         }
     finally:
         parallel_state.destroy_model_parallel()

@@ -86,8 +86,8 @@ def layer_specs(model: ModelConfig, tensor: int, seed: int, dtype: torch.dtype) 
     return [first, *blocks, norm_spec(model, seed), last]
 
 
-def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return cross_entropy(logits, targets)
+def vocabulary_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return cross_entropy(logits, targets, vocab_size)
 
 
 def build_pipeline(
@@ -97,13 +97,15 @@ def build_pipeline(
     dtype: torch.dtype,
     partition: str,
     checkpoint_blocks: bool,
-    loss_fn=pipeline_loss,
+    loss_fn=None,
 ) -> PipelineModule:
+    """The pipeline model; `loss_fn(logits, targets)` runs on the last stage (default: the
+    mean cross entropy over the real vocabulary)."""
     tensor = topology.get_dim("model")
     return PipelineModule(
         layers=layer_specs(model, tensor, seed, dtype),
         topology=topology,
-        loss_fn=loss_fn,
+        loss_fn=loss_fn or partial(vocabulary_loss, vocab_size=model.vocab_size),
         partition_method=partition,
         activation_checkpoint_interval=1 if checkpoint_blocks else 0,
         activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),

@@ -220,14 +220,14 @@ class Embedding(nn.Module):
 
     def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
         super().__init__()
+        self.positions = None
+        if model.arch == "gpt":  # drawn first: the token rows drawn next depend on T's padding
+            self.positions = nn.Embedding(model.max_seq_length, model.hidden_size)
+            normal_init(model.init_std)(self.positions.weight)
         vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
         self.tokens = tensor_parallel.VocabParallelEmbedding(
             vocab, model.hidden_size, init_method=normal_init(model.init_std), config=parallel
         )
-        self.positions = None
-        if model.arch == "gpt":
-            self.positions = nn.Embedding(model.max_seq_length, model.hidden_size)
-            normal_init(model.init_std)(self.positions.weight)
         self.tied_output = (
             output_layer(model, parallel, weightless=True) if model.tie_embeddings else None
         )
@@ -272,9 +272,25 @@ class OutputLayer(nn.Module):
         return logits
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over vocabulary-parallel logits [B, S, V/T]."""
-    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets).mean()
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """This rank's slice of the logits with the padding rows (ids >= vocab_size) pushed to the
+    lowest float, so that they take no probability and get no gradient. The loss is then the
+    loss over the real vocabulary alone: the same for every tensor-parallel size (whose
+    padding differs) and the same as an exported model's, which has no padding rows."""
+    per_rank = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+    if start + per_rank <= vocab_size:
+        return logits
+    ids = torch.arange(start, start + per_rank, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, torch.finfo(logits.dtype).min)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean next-token loss over vocabulary-parallel logits [B, S, V/T] of a vocabulary of
+    `vocab_size` real tokens (the rest is padding). megatron-core works in place to save
+    memory: fp32 `logits` hold garbage afterwards."""
+    logits = mask_vocab_padding(logits.float(), vocab_size)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, targets).mean()
 
 
 @torch.no_grad()
@@ -328,4 +344,4 @@ class Transformer(nn.Module):
                 x = block(x)
         x = self.norm(x)
         logits = self.embedding.logits(x) if self.output is None else self.output(x)
-        return logits if targets is None else cross_entropy(logits, targets)
+        return logits if targets is None else cross_entropy(logits, targets, self.config.vocab_size)

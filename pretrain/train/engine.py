@@ -60,12 +60,13 @@ def deepspeed_config(cfg: KilnConfig, clip_in_deepspeed: bool) -> dict:
 class PipelineLoss:
     """The loss on the last pipeline stage; tells the guard when it is not finite."""
 
-    def __init__(self) -> None:
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
         self.guard: NonFiniteGuard | None = None
         self.poison = False
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = cross_entropy(logits, targets)
+        loss = cross_entropy(logits, targets, self.vocab_size)
         if self.poison:
             loss = loss * float("nan")
         if self.guard is not None and not torch.isfinite(loss.detach()):
@@ -83,7 +84,7 @@ class TrainEngine:
         self.cfg, self.parallel = cfg, parallel
         self.pipelined = parallel.layout.pipeline > 1
         dtype = DTYPES[cfg.train.precision]
-        self.loss_fn = PipelineLoss()
+        self.loss_fn = PipelineLoss(cfg.model.vocab_size)
         module: nn.Module
         if self.pipelined:
             module = build_pipeline(
