@@ -53,16 +53,15 @@ def prepare_run_dir(cfg: KilnConfig, run_dir: Path, resume: bool) -> None:
                 f"--run-dir = {run_dir}: holds a checkpoint and --no-resume was given; "
                 "choose another run directory or remove it"
             )
+        # The layout may change (the checkpoint reshards); the model may not.
         previous = yaml.safe_load((run_dir / "config.yaml").read_text())
-        now = cfg.model_dump(mode="json")
-        for key in ("model", "parallel.tensor", "parallel.pipeline"):
-            section, _, field = key.partition(".")
-            before = previous[section][field] if field else previous[section]
-            after = now[section][field] if field else now[section]
-            if before != after:
+        before, after = previous["model"], cfg.model_dump(mode="json")["model"]
+        for field in sorted(set(before) | set(after)):
+            if before.get(field) != after.get(field):
                 raise ConfigError(
-                    f"{key} = {after}: the checkpoint in {run_dir} was trained with "
-                    f"{before}; resume with the same value or use another --run-dir"
+                    f"model.{field} = {after.get(field)}: the checkpoint in {run_dir} was "
+                    f"trained with {before.get(field)}; resume with the same model or use "
+                    "another --run-dir"
                 )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", dump_config(cfg))

@@ -274,7 +274,9 @@ def test_rank_batches_cover_the_global_batch_exactly(dp_size, grad_accum, micro_
             g
             for micro in range(grad_accum)
             for rank in range(dp_size)
-            for g in rank_batch_indices(step, micro, micro_batch_size, rank, dp_size, grad_accum)
+            for g in rank_batch_indices(
+                step * global_batch, micro, micro_batch_size, rank, dp_size, grad_accum
+            )
         ]
         assert len(seen) == len(set(seen)) == global_batch
         assert sorted(seen) == list(range(step * global_batch, (step + 1) * global_batch))
@@ -290,7 +292,7 @@ def test_rank_batch_indices_rejects_bad_layouts():
 def test_micro_batch_shifts_targets_by_one(tmp_path):
     packed = packed_of(tmp_path, seq_length=6)
     samples = ShuffledSamples(packed, 0)
-    inputs, targets = micro_batch(samples, rank_batch_indices(2, 1, 3, 1, 2, 2))
+    inputs, targets = micro_batch(samples, rank_batch_indices(2 * 12, 1, 3, 1, 2, 2))
     assert inputs.shape == targets.shape == (3, 6)
     assert inputs.dtype == targets.dtype == np.int64
     np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])

@@ -154,6 +154,11 @@ class OptimConfig(ConfigSection):
 class CheckpointConfig(ConfigSection):
     interval: NonNegativeInt = Field(default=1000, description="Steps between saves; 0: at end.")
     keep: PositiveInt = 2
+    reshardable: bool = Field(
+        default=True,
+        description="Also save Adam's state under layout-independent names, so that the run "
+        "can resume under another layout (8 bytes per parameter, 12 in bf16/fp16).",
+    )
 
 
 class EvalConfig(ConfigSection):

@@ -170,30 +170,34 @@ class Blend:
 
 
 def rank_batch_indices(
-    step: int, micro: int, micro_batch_size: int, dp_rank: int, dp_size: int, grad_accum: int
+    first_sample: int,
+    micro: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    grad_accum: int,
 ) -> range:
-    """Global sample indices of micro-batch `micro` of `step` on data-parallel rank `dp_rank`.
+    """Global sample indices of micro-batch `micro` on data-parallel rank `dp_rank` of the
+    global batch that starts at sample `first_sample` (the samples consumed before it).
 
     With global batch G = micro_batch_size * grad_accum * dp_size, they are
-    step*G + micro*(micro_batch_size*dp_size) + dp_rank*micro_batch_size + [0, micro_batch_size).
-    The union over all ranks and micro-batches of one step is exactly [step*G, (step+1)*G),
+    first_sample + micro * (micro_batch_size * dp_size) + dp_rank * micro_batch_size
+    + [0, micro_batch_size).
+    The union over all ranks and micro-batches is exactly [first_sample, first_sample + G),
     disjointly, for every layout with the same G: a step trains on the same samples whatever
-    the data-parallel size, which makes losses comparable across layouts.
+    the data-parallel size, which makes losses comparable across layouts and lets a run resume
+    under another layout where it stopped.
     """
     sizes = {"micro_batch_size": micro_batch_size, "dp_size": dp_size, "grad_accum": grad_accum}
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    if step < 0 or not 0 <= micro < grad_accum or not 0 <= dp_rank < dp_size:
+    if first_sample < 0 or not 0 <= micro < grad_accum or not 0 <= dp_rank < dp_size:
         raise ValueError(
-            f"step {step}, micro {micro}, dp_rank {dp_rank} outside step >= 0, "
-            f"0 <= micro < {grad_accum}, 0 <= dp_rank < {dp_size}"
+            f"first_sample {first_sample}, micro {micro}, dp_rank {dp_rank} outside "
+            f"first_sample >= 0, 0 <= micro < {grad_accum}, 0 <= dp_rank < {dp_size}"
         )
-    start = (
-        step * micro_batch_size * grad_accum * dp_size
-        + micro * micro_batch_size * dp_size
-        + dp_rank * micro_batch_size
-    )
+    start = first_sample + micro * micro_batch_size * dp_size + dp_rank * micro_batch_size
     return range(start, start + micro_batch_size)
 
 

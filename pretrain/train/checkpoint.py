@@ -1,12 +1,14 @@
-"""Checkpoints that resume exactly and are never half-written under a final name.
+"""Checkpoints that resume exactly, under the same layout or another, and are never
+half-written under a final name.
 
     checkpoints/
       latest                     the tag of the newest complete checkpoint, replaced atomically
       step_00000300/
-        <DeepSpeed's files>      model, optimizer and ZeRO partitions (what a resume loads)
-        model/tp00_pp00.safetensors, layout.json
-                                 this layout's weights under canonical names (what generation,
-                                 export and resharding read, without DeepSpeed)
+        <DeepSpeed's files>      model, optimizer and ZeRO partitions (what a resume under the
+                                 same layout loads: bit-identical continuation)
+        model/, optimizer/       the same weights and Adam state under canonical names, split
+                                 only by TP and PP (`weights.py`): what generation, evaluation,
+                                 export and a resume under another layout read
         rng/rank_00000.pt        every rank's torch, numpy and Python random states
         trainer_state.json       step, consumed samples, skipped steps
         config.yaml, tokenizer.json
@@ -16,11 +18,14 @@
 Every rank writes into `.staging/<tag>`; after a barrier rank 0 renames the directory into
 place and only then points `latest` at it, so a crash at any moment leaves the previous
 checkpoint as the latest. The last `checkpoint.keep` checkpoints are kept.
+
+A run resumes from DeepSpeed's files when the checkpoint was written by the same layout (TP,
+PP, DP, ZeRO stage, precision); otherwise it reshards: every rank slices the canonical weights
+and Adam state for its own place in the new layout (`Resume.reshard`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -32,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from data_pipeline import atomic
-from pretrain.model.pipeline import canonical_name
+
+from .weights import CheckpointError, save_layout_independent
 
 FAULT_ENV = "KILN_TEST_FAULT"  # fault injection for the crash tests, see fault_active
 
@@ -45,6 +50,37 @@ class TrainerState:
     step: int = 0
     consumed_samples: int = 0
     skipped_steps: int = 0
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> TrainerState:
+        return cls(**json.loads((Path(checkpoint) / "trainer_state.json").read_text()))
+
+
+@dataclass
+class Resume:
+    """Where a run continues from, and whether the layout changed since (`reshard`)."""
+
+    checkpoint: Path
+    reshard: bool
+    written_by: dict
+
+
+def layout_of(cfg) -> dict:
+    """What makes DeepSpeed's own files loadable: the same values in `model/layout.json`."""
+    return {
+        "tensor": cfg.parallel.tensor,
+        "pipeline": cfg.parallel.pipeline,
+        "data": cfg.parallel.data,
+        "zero_stage": cfg.parallel.zero_stage,
+        "precision": cfg.train.precision,
+    }
+
+
+def describe_layout(layout: dict) -> str:
+    return (
+        f"TP {layout.get('tensor')} x PP {layout.get('pipeline')} x DP {layout.get('data')} "
+        f"(ZeRO {layout.get('zero_stage')}, {layout.get('precision')})"
+    )
 
 
 def tag_of(step: int) -> str:
@@ -60,11 +96,22 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
 
-    def load(self, train_engine) -> TrainerState | None:
-        """Restore model, optimizer, random states; the trainer state, or None if none."""
+    def resume(self, cfg) -> Resume | None:
+        """The latest checkpoint and how to load it; None when the run starts afresh."""
         path = self.latest()
         if path is None:
             return None
+        layout_file = path / "model" / "layout.json"
+        if not layout_file.is_file():
+            raise CheckpointError(f"{path}: no model/layout.json, not a Kiln checkpoint")
+        written_by = json.loads(layout_file.read_text())
+        same = bool(written_by.get("deepspeed")) and all(
+            written_by.get(key) == value for key, value in layout_of(cfg).items()
+        )
+        return Resume(path, reshard=not same, written_by=written_by)
+
+    def load(self, train_engine, path: Path) -> TrainerState:
+        """Restore model, optimizer and random states from DeepSpeed's files (same layout)."""
         engine = train_engine.engine
         loaded, _ = engine.load_checkpoint(
             str(self.root),
@@ -78,11 +125,12 @@ class CheckpointManager:
         rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
         if rng_file.is_file():
             restore_rng(torch.load(rng_file, weights_only=False))
-        state = json.loads((path / "trainer_state.json").read_text())
-        return TrainerState(**state)
+        return TrainerState.read(path)
 
     # -- writing ---------------------------------------------------------------------------
-    def save(self, train_engine, state: TrainerState, config_yaml: str) -> Path:
+    def save(
+        self, train_engine, state: TrainerState, config_yaml: str, reshardable: bool = True
+    ) -> Path:
         rank = dist.get_rank()
         tag = tag_of(state.step)
         staging = self.root / ".staging"
@@ -92,7 +140,7 @@ class CheckpointManager:
             (staging / tag).mkdir(parents=True, exist_ok=True)
         dist.barrier()
         train_engine.engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
-        save_model_shard(train_engine, staging / tag / "model")
+        save_layout_independent(train_engine, staging / tag, with_optimizer=reshardable)
         rng_dir = staging / tag / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(capture_rng(), rng_dir / f"rank_{rank:05d}.pt")
@@ -117,6 +165,18 @@ class CheckpointManager:
         complete = sorted(p for p in self.root.glob("step_*") if p.is_dir())
         for old in complete[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run directory means its latest checkpoint; a checkpoint directory means itself."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{path}: no checkpoint there (expected a run directory or step_*)")
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -166,42 +226,3 @@ def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_model_shard(train_engine, directory: Path) -> None:
-    """This (tensor, pipeline) position's weights under canonical names, written by its
-    data-parallel rank 0; ZeRO-3 partitions are gathered first (every rank takes part)."""
-    import deepspeed
-
-    parallel = train_engine.parallel
-    coords = parallel.coordinates
-    module = train_engine.module
-    num_layers = train_engine.cfg.model.num_layers
-    parameters = list(module.named_parameters())
-    gather = train_engine.cfg.parallel.zero_stage == 3
-    context = (
-        deepspeed.zero.GatheredParameters([p for _, p in parameters], modifier_rank=None)
-        if gather
-        else contextlib.nullcontext()
-    )
-    with context:
-        if coords.data != 0:
-            return
-        tensors, partition_dims = {}, {}
-        for name, parameter in parameters:
-            canonical = canonical_name(name, num_layers)
-            if canonical in tensors:
-                continue
-            tensors[canonical] = parameter.detach().to("cpu").contiguous().clone()
-            sharded = getattr(parameter, "tensor_model_parallel", False)
-            partition_dims[canonical] = int(parameter.partition_dim) if sharded else None
-    directory.mkdir(parents=True, exist_ok=True)
-    shard = f"tp{coords.tensor:02d}_pp{coords.pipe:02d}"
-    save_file(tensors, str(directory / f"{shard}.safetensors"))
-    atomic.write_json(directory / f"{shard}.json", {"partition_dims": partition_dims})
-    if parallel.rank == 0:
-        layout = parallel.layout
-        atomic.write_json(
-            directory / "layout.json",
-            {"tensor": layout.tensor, "pipeline": layout.pipeline, "format": 1},
-        )

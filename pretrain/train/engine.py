@@ -28,6 +28,7 @@ from .optimizer import (
     mark_replicated_parameters,
     parameter_groups,
 )
+from .weights import LayoutIndependentState, load_into_module, load_optimizer_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -75,9 +76,13 @@ class PipelineLoss:
 
 
 class TrainEngine:
-    """DeepSpeed's engine, the guarded optimizer and the parallel layout, behind two calls."""
+    """DeepSpeed's engine, the guarded optimizer and the parallel layout, behind two calls.
+    `initial`: a checkpoint written by another layout, whose weights and Adam state this
+    engine starts from (sliced for this rank); `optimizer_restored` says if Adam's was there."""
 
-    def __init__(self, cfg: KilnConfig, parallel: Parallel) -> None:
+    def __init__(
+        self, cfg: KilnConfig, parallel: Parallel, initial: LayoutIndependentState | None = None
+    ) -> None:
         import deepspeed
 
         assert cfg.model is not None
@@ -104,7 +109,10 @@ class TrainEngine:
                 dtype=dtype,
                 checkpoint_blocks=cfg.train.activation_checkpointing,
             )
-        mark_replicated_parameters(module, parallel.coordinates.tensor)
+        tensor_rank, tensor_size = parallel.coordinates.tensor, parallel.layout.tensor
+        if initial is not None:
+            load_into_module(module, initial, cfg.model.num_layers, tensor_rank, tensor_size)
+        mark_replicated_parameters(module, tensor_rank)
         optimizer = make_optimizer(parameter_groups(module, cfg.optim), cfg.optim, parallel.device)
         self.guard: NonFiniteGuard = optimizer  # type: ignore[assignment]
         self.loss_fn.guard = self.guard
@@ -126,6 +134,9 @@ class TrainEngine:
             mpu=None if self.pipelined else parallel.grid,
         )
         self.module = module
+        self.optimizer_restored = initial is not None and load_optimizer_state(
+            self, initial, tensor_rank, tensor_size
+        )
 
     @property
     def data_parallel_group(self):

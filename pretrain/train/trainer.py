@@ -27,11 +27,12 @@ from pretrain.data.stream import read_manifest
 from pretrain.model.sizing import count_parameters, human_count
 from pretrain.parallel.layout import Layout, init_distributed, pick_device, setup_parallel
 
-from .checkpoint import CheckpointManager, TrainerState, fault_active
+from .checkpoint import CheckpointManager, TrainerState, describe_layout, fault_active, layout_of
 from .engine import Batch, TrainEngine
 from .flops import flops_per_token, mfu, peak_flops
 from .schedule import lr_at
 from .tracking import MetricsLog, WandbTracker
+from .weights import CheckpointError, LayoutIndependentState
 
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 3, 2
 
@@ -63,14 +64,17 @@ class TrainingData:
         self.valid = build_validation_samples(sources, cfg.train.seq_length, cfg.train.seed)
         self.cfg, self.data_rank = cfg, data_rank
 
-    def batches(self, step: int, split: str = "train") -> list[Batch]:
+    def batches(self, first_sample: int, split: str = "train") -> list[Batch]:
+        """The global batch of samples [first_sample, first_sample + global batch): this
+        rank's micro-batches of it. A run's position is its consumed sample count, so it
+        carries over a resume under another layout, or another global batch size."""
         train, par = self.cfg.train, self.cfg.parallel
         samples = self.train if split == "train" else self.valid
         assert train.gradient_accumulation_steps is not None and par.data is not None
         out = []
         for micro in range(train.gradient_accumulation_steps):
             indices = rank_batch_indices(
-                step,
+                first_sample,
                 micro,
                 train.micro_batch_size,
                 self.data_rank,
@@ -173,8 +177,12 @@ class Trainer:
         layout = Layout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data)
         self.parallel = setup_parallel(layout, device)
         self.data = TrainingData(cfg, self.parallel.coordinates.data)
-        self.engine = TrainEngine(cfg, self.parallel)
         self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
+        self.resume = self.checkpoints.resume(cfg)
+        initial = None
+        if self.resume is not None and self.resume.reshard:
+            initial = LayoutIndependentState(self.resume.checkpoint, cfg.model.vocab_size)
+        self.engine = TrainEngine(cfg, self.parallel, initial)
         self.config_yaml = dump_config(cfg)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length, layout.tensor)
@@ -182,21 +190,24 @@ class Trainer:
         self.peak = peak_flops(device_name, cfg.train.precision)
 
     def run(self) -> int:
-        cfg, parallel = self.cfg, self.parallel
-        state = self.checkpoints.load(self.engine)
-        resumed = state is not None
-        state = state or TrainerState()
+        cfg, parallel, resume = self.cfg, self.parallel, self.resume
+        if resume is None:
+            state = TrainerState()
+        elif resume.reshard:
+            state = TrainerState.read(resume.checkpoint)
+        else:
+            state = self.checkpoints.load(self.engine, resume.checkpoint)
         report = Reporter(cfg, self.run_dir, state.step, parallel.is_logging_rank)
-        self._introduce(report, state, resumed)
+        self._introduce(report, state)
         stop = StopRequest()
         stop.install()
         try:
-            return self._loop(state, report, stop, evaluate_first=not resumed)
+            return self._loop(state, report, stop, evaluate_first=state.step == 0)
         finally:
             stop.uninstall()
             report.close()
 
-    def _introduce(self, report: Reporter, state: TrainerState, resumed: bool) -> None:
+    def _introduce(self, report: Reporter, state: TrainerState) -> None:
         cfg, layout = self.cfg, self.parallel.layout
         assert cfg.model is not None
         params = count_parameters(cfg.model)
@@ -207,8 +218,20 @@ class Trainer:
             f"{self.parallel.device.type} | {cfg.train.global_batch_size} x "
             f"{cfg.train.seq_length} tokens per step | {cfg.train.steps} steps"
         )
-        if resumed:
-            report.say(f"resumed from {self.checkpoints.latest()} at step {state.step}")
+        resume = self.resume
+        if resume is None:
+            return
+        report.say(f"resumed from {resume.checkpoint} at step {state.step}")
+        if resume.reshard:
+            adam = (
+                "with its Adam state"
+                if self.engine.optimizer_restored
+                else "Adam starts afresh (the checkpoint holds no layout-independent Adam state)"
+            )
+            report.say(
+                f"resharded from {describe_layout(resume.written_by)} to "
+                f"{describe_layout(layout_of(cfg))}, {adam}"
+            )
 
     def _loop(
         self, state: TrainerState, report: Reporter, stop: StopRequest, evaluate_first: bool
@@ -225,7 +248,8 @@ class Trainer:
             started = time.perf_counter()
             lr = lr_at(state.step, cfg.optim, cfg.train.steps)
             poison = fault_active("nan-loss", state.step + 1)
-            result = self.engine.train_step(self.data.batches(state.step), lr, poison)
+            batches = self.data.batches(state.consumed_samples)
+            result = self.engine.train_step(batches, lr, poison)
             elapsed = time.perf_counter() - started
             state.step += 1
             state.consumed_samples += cfg.train.global_batch_size
@@ -279,12 +303,17 @@ class Trainer:
         return EXIT_OK
 
     def save(self, state: TrainerState, report: Reporter) -> None:
-        path = self.checkpoints.save(self.engine, state, self.config_yaml)
+        path = self.checkpoints.save(
+            self.engine, state, self.config_yaml, self.cfg.checkpoint.reshardable
+        )
         report.say(f"step {state.step}: saved {path}")
 
     def evaluate(self) -> float:
-        batches = self.cfg.eval.batches
-        losses = [self.engine.evaluate(self.data.batches(b, split="valid")) for b in range(batches)]
+        size = self.cfg.train.global_batch_size
+        losses = [
+            self.engine.evaluate(self.data.batches(b * size, split="valid"))
+            for b in range(self.cfg.eval.batches)
+        ]
         return float(np.mean(losses))
 
     def _step_metrics(self, result, lr: float, elapsed: float) -> dict:
@@ -327,7 +356,7 @@ def train(run_dir: Path) -> int:
     cfg = load_config(run_dir / "config.yaml", world_size=world_size)
     try:
         trainer = Trainer(cfg, run_dir)
-    except (DataDirError, RunError) as error:
+    except (DataDirError, RunError, CheckpointError) as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"kiln train: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
