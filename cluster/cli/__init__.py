@@ -13,9 +13,15 @@ from importlib.metadata import PackageNotFoundError, version
 
 from pretrain.config import ConfigError
 
-from . import cluster_commands, config_commands, data_commands, train_commands
+from . import (
+    cluster_commands,
+    config_commands,
+    data_commands,
+    model_commands,
+    train_commands,
+)
 
-SUBCOMMANDS = (config_commands, data_commands, train_commands, cluster_commands)
+SUBCOMMANDS = (config_commands, data_commands, train_commands, model_commands, cluster_commands)
 
 
 def kiln_version() -> str:

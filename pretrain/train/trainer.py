@@ -228,10 +228,8 @@ class Trainer:
                 if self.engine.optimizer_restored
                 else "Adam starts afresh (the checkpoint holds no layout-independent Adam state)"
             )
-            report.say(
-                f"resharded from {describe_layout(resume.written_by)} to "
-                f"{describe_layout(layout_of(cfg))}, {adam}"
-            )
+            source = resume.written_by.get("source") or describe_layout(resume.written_by)
+            report.say(f"resharded from {source} to {describe_layout(layout_of(cfg))}, {adam}")
 
     def _loop(
         self, state: TrainerState, report: Reporter, stop: StopRequest, evaluate_first: bool

@@ -1,0 +1,156 @@
+"""`kiln export`, `kiln import-hf` and `kiln eval`: models in and out of Kiln, and their loss.
+
+kiln export RUN_DIR_OR_CHECKPOINT --to hf OUT_DIR [--dtype D] [--max-shard-size S] [--overwrite]
+kiln import-hf HF_DIR --config CONFIG --run-dir DIR [key=value ...]
+kiln eval RUN_DIR_OR_CHECKPOINT [--data SHARDS] [--batches N | --all] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cluster.rundir import check_trainable, prepare_run_dir
+from pretrain.config.errors import ConfigError
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="Write a checkpoint as a Hugging Face model folder."
+    )
+    export.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    export.add_argument("out", metavar="OUT_DIR", type=Path)
+    export.add_argument("--to", choices=["hf"], required=True, help="Output format: hf.")
+    export.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="Weights' type; auto: the training precision.",
+    )
+    export.add_argument(
+        "--max-shard-size", default="5GB", metavar="SIZE", help="Largest weight file (5GB)."
+    )
+    export.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT_DIR.")
+    export.set_defaults(handler=_export)
+
+    importer = commands.add_parser(
+        "import-hf", help="Start a run from a Hugging Face Llama or GPT-2 model."
+    )
+    importer.add_argument("hf_dir", metavar="HF_DIR", type=Path)
+    importer.add_argument("--config", required=True, type=Path, metavar="CONFIG")
+    importer.add_argument("--run-dir", required=True, type=Path, metavar="DIR")
+    importer.add_argument("overrides", nargs="*", metavar="key=value", default=[])
+    importer.set_defaults(handler=_import_hf)
+
+    evaluate = commands.add_parser("eval", help="Validation loss and perplexity of a checkpoint.")
+    evaluate.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    evaluate.add_argument(
+        "--data", type=Path, default=None, metavar="SHARDS", help="A prepared data directory."
+    )
+    amount = evaluate.add_mutually_exclusive_group()
+    amount.add_argument(
+        "--batches", type=int, default=None, metavar="N", help="Global batches (eval.batches)."
+    )
+    amount.add_argument("--all", action="store_true", help="Every validation sequence once.")
+    evaluate.add_argument("--micro-batch-size", type=int, default=None, metavar="N")
+    evaluate.add_argument("--json", action="store_true", help="Print one JSON object.")
+    evaluate.set_defaults(handler=_eval)
+
+
+def _quiet() -> None:
+    from pretrain.train.main import quiet_imports
+
+    quiet_imports()
+
+
+def _export(args: argparse.Namespace) -> int:
+    _quiet()
+    from pretrain.hf.export import export_hf
+
+    try:
+        done = export_hf(
+            Path(args.checkpoint),
+            args.out,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
+    except ValueError as error:
+        print(f"kiln export: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"kiln export: {done['architecture']} ({done['parameters']:,} parameters, "
+        f"{done['dtype']}) from {done['checkpoint']} -> {done['out']} "
+        f"({len(done['files'])} weight file(s))"
+    )
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    _quiet()
+    from pretrain.hf.importer import (
+        build_config,
+        check_same_tokenizer,
+        read_model,
+        write_initial_checkpoint,
+    )
+
+    try:
+        settings, weights = read_model(args.hf_dir)
+    except ValueError as error:  # not a model folder, or a model Kiln cannot hold
+        print(f"kiln import-hf: {error}", file=sys.stderr)
+        return 2
+    cfg = build_config(args.config, args.overrides, settings)
+    check_trainable(cfg)
+    run_dir: Path = args.run_dir
+    if (run_dir / "checkpoints" / "latest").is_file():
+        raise ConfigError(
+            f"--run-dir = {run_dir}: already holds a checkpoint; import into a new directory"
+        )
+    data_dir = Path(cfg.data.path or cfg.data.blend[0].path)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    note = check_same_tokenizer(args.hf_dir, data_dir / manifest["tokenizer"]["file"])
+    prepare_run_dir(cfg, run_dir, resume=True)
+    checkpoint = write_initial_checkpoint(run_dir, cfg, weights, args.hf_dir)
+    model = cfg.model
+    print(
+        f"kiln import-hf: {model.arch} {model.num_layers} layers x {model.hidden_size} "
+        f"({sum(t.numel() for t in weights.values()):,} parameters) from {args.hf_dir} "
+        f"-> {checkpoint}\n{note}\n"
+        f"next: kiln train {run_dir / 'config.yaml'} --run-dir {run_dir} "
+        "[--nproc N parallel.tensor=T parallel.pipeline=P ...]"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    _quiet()
+    from pretrain.evaluate import evaluate
+
+    for flag, value in (("--batches", args.batches), ("--micro-batch-size", args.micro_batch_size)):
+        if value is not None and value < 1:
+            print(f"kiln eval: {flag} = {value}: must be at least 1", file=sys.stderr)
+            return 2
+    try:
+        result = evaluate(
+            Path(args.checkpoint),
+            data=args.data,
+            batches=args.batches,
+            every_sequence=args.all,
+            micro_batch_size=args.micro_batch_size,
+        )
+    except ValueError as error:
+        print(f"kiln eval: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(
+            f"kiln eval: step {result.step} of {result.checkpoint}\n"
+            f"validation loss {result.loss:.6f} | perplexity {result.perplexity:.3f} | "
+            f"{result.sequences:,} sequences, {result.tokens:,} tokens of "
+            f"{', '.join(result.data)}"
+        )
+    return 0

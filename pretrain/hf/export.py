@@ -1,0 +1,164 @@
+"""`kiln export RUN_DIR_OR_CHECKPOINT --to hf OUT_DIR`: a Hugging Face model folder.
+
+From the checkpoint's layout-independent weights (any TP/PP/DP/ZeRO layout wrote them; the fp32
+master weights where the run trained in bf16/fp16) the folder gets
+
+    config.json                 LlamaForCausalLM (arch llama) or GPT2LMHeadModel (arch gpt)
+    generation_config.json      the end-of-text token as BOS and EOS
+    model.safetensors           or model-0000N-of-0000M.safetensors + model.safetensors.index.json
+                                when larger than --max-shard-size
+    tokenizer.json, tokenizer_config.json
+                                the run's tokenizer (`PreTrainedTokenizerFast`), with the
+                                end-of-text token as BOS and EOS
+
+which `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
+load offline. The folder is written beside OUT_DIR and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pretrain.config import load_config
+from pretrain.inference import checkpoint_weights
+from pretrain.train.checkpoint import resolve_checkpoint
+from pretrain.train.weights import CheckpointError
+
+from .mapping import hf_config, to_hf
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRAINING_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SIZE_UNITS = {
+    "": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+class ExportError(ValueError):
+    """A user mistake: an existing output folder, a bad size, an unexportable model."""
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes; also KB, MB, KiB, MiB, GiB and plain bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ExportError(f"--max-shard-size = {text}: expected a size such as 5GB or 500MB")
+    number, unit = match.groups()
+    size = int(float(number) * SIZE_UNITS[(unit or "").upper()])
+    if size < 1:
+        raise ExportError(f"--max-shard-size = {text}: must be positive")
+    return size
+
+
+def shard_groups(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Names in order, cut into groups of at most `max_bytes` (a bigger tensor stands alone)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -> list[str]:
+    """model.safetensors, or numbered shards and their index as `save_pretrained` writes."""
+    metadata = {"format": "pt"}
+    groups = shard_groups(tensors, max_bytes)
+    if len(groups) == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
+        return ["model.safetensors"]
+    files, weight_map = [], {}
+    for number, names in enumerate(groups, start=1):
+        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(out / file), metadata=metadata)
+        weight_map.update(dict.fromkeys(names, file))
+        files.append(file)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return files
+
+
+def write_tokenizer(tokenizer_file: Path, eos_token: str, max_length: int, out: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file),
+        eos_token=eos_token,
+        bos_token=eos_token,
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.save_pretrained(str(out))
+
+
+def export_hf(
+    path: Path,
+    out: Path,
+    dtype: str = "auto",
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+) -> dict:
+    """Write the Hugging Face folder; what was written (for the command's summary)."""
+    from transformers import GenerationConfig
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    max_bytes = parse_size(max_shard_size)
+    checkpoint = resolve_checkpoint(Path(path))
+    cfg = load_config(checkpoint / "config.yaml")
+    model = cfg.model
+    if model is None:
+        raise CheckpointError(f"{checkpoint}/config.yaml has no model section")
+    dtype_name = TRAINING_DTYPE[cfg.train.precision] if dtype == "auto" else dtype
+    if dtype_name not in DTYPES:
+        raise ExportError(f"--dtype = {dtype}: choose auto, float32, bfloat16 or float16")
+    torch_dtype = DTYPES[dtype_name]
+    tokenizer_file = checkpoint / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise CheckpointError(f"{checkpoint}: no tokenizer.json beside the weights")
+    from tokenizers import Tokenizer
+
+    eos_id = Tokenizer.from_file(str(tokenizer_file)).token_to_id(cfg.tokenizer.eos_token)
+    config = hf_config(model, eos_id, torch_dtype)  # refuses unexportable models first
+    weights = checkpoint_weights(checkpoint, model.vocab_size)
+    tensors = {
+        name: tensor.to(torch_dtype).contiguous() for name, tensor in to_hf(model, weights).items()
+    }
+
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    config.save_pretrained(str(staging))
+    GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(str(staging))
+    files = write_weights(tensors, staging, max_bytes)
+    write_tokenizer(tokenizer_file, cfg.tokenizer.eos_token, model.max_seq_length, staging)
+    for file in staging.iterdir():
+        file.chmod(0o644)  # safetensors writes 0600; a model folder is meant to be shared
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return {
+        "checkpoint": str(checkpoint),
+        "out": str(out),
+        "architecture": config.architectures[0],
+        "dtype": dtype_name,
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "files": files,
+    }

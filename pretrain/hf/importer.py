@@ -1,0 +1,146 @@
+"""`kiln import-hf HF_DIR --config CONFIG --run-dir DIR`: continue pretraining a Hugging Face
+Llama or GPT-2 model with Kiln.
+
+The model section of the run comes from the Hugging Face `config.json` (everything else from
+CONFIG and its overrides), and the weights become the run's step-0 checkpoint in Kiln's
+layout-independent form. `kiln train DIR/config.yaml --run-dir DIR` then starts from it in any
+parallel layout: every rank slices the weights for its own place, and Adam starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_pipeline import atomic
+from pretrain.config import ConfigError, dump_config, validate_tree
+from pretrain.config.loader import apply_overrides, read_tree
+from pretrain.train.checkpoint import TrainerState, latest_checkpoint, tag_of
+from pretrain.train.weights import FORMAT, shard_name
+
+from .mapping import ConversionError, from_hf, model_settings
+
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def read_hf_config(folder: Path):
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder}: no config.json, not a Hugging Face model folder")
+    return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+
+
+def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder: safetensors (one file or sharded) or PyTorch .bin."""
+    for index_name, loader in (
+        ("model.safetensors.index.json", load_file),
+        ("pytorch_model.bin.index.json", _load_bin),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            tensors: dict[str, torch.Tensor] = {}
+            for file in files:
+                tensors.update(loader(str(folder / file)))
+            return _normalise_names(tensors)
+    for single, loader in (("model.safetensors", load_file), ("pytorch_model.bin", _load_bin)):
+        if (folder / single).is_file():
+            return _normalise_names(loader(str(folder / single)))
+    raise ConversionError(f"{folder}: no model.safetensors or pytorch_model.bin weights")
+
+
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _normalise_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop buffers saved by old versions; GPT-2 checkpoints of `GPT2Model` lack the
+    `transformer.` prefix of `GPT2LMHeadModel`."""
+    tensors = {n: t for n, t in tensors.items() if not n.endswith(IGNORED_SUFFIXES)}
+    if "wte.weight" in tensors and "transformer.wte.weight" not in tensors:
+        tensors = {
+            (n if n.startswith("lm_head.") else f"transformer.{n}"): t for n, t in tensors.items()
+        }
+    return tensors
+
+
+def check_same_tokenizer(folder: Path, data_tokenizer: Path) -> str:
+    """The data must be tokenised with the model's own tokenizer; a note when unknowable."""
+    from tokenizers import Tokenizer
+
+    model_tokenizer = folder / "tokenizer.json"
+    if not model_tokenizer.is_file():
+        return (
+            f"note: {folder} has no tokenizer.json, so Kiln could not check that the data was "
+            "tokenised with the model's tokenizer"
+        )
+    ours = Tokenizer.from_file(str(data_tokenizer)).get_vocab()
+    theirs = Tokenizer.from_file(str(model_tokenizer)).get_vocab()
+    if ours != theirs:
+        differing = len(set(ours.items()) ^ set(theirs.items()))
+        raise ConfigError(
+            f"data.path: the data was tokenised with another tokenizer than {model_tokenizer} "
+            f"({differing} token ids differ); prepare it with "
+            f"tokenizer.path={model_tokenizer}"
+        )
+    return "tokenizer: the data's is the model's"
+
+
+def build_config(config_path: Path, overrides: list[str], settings: dict):
+    """CONFIG and its overrides, with the model section taken from the imported model."""
+    touched = [o for o in overrides if o.split("=", 1)[0].startswith("model.")]
+    if touched:
+        raise ConfigError(
+            f"{touched[0]}: the model comes from the imported checkpoint; it cannot be overridden"
+        )
+    tree = read_tree(Path(config_path))
+    apply_overrides(tree, overrides)
+    tree["model"] = settings
+    return validate_tree(tree)
+
+
+def read_model(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Kiln's model settings and canonical fp32 weights of a Hugging Face model folder."""
+    from pretrain.config import ModelConfig
+
+    settings = model_settings(read_hf_config(folder))
+    tensors = read_hf_tensors(folder)
+    weights = from_hf(ModelConfig(**settings), tensors)
+    return settings, {name: t.to(torch.float32).contiguous() for name, t in weights.items()}
+
+
+def write_initial_checkpoint(
+    run_dir: Path, cfg, weights: dict[str, torch.Tensor], source: Path
+) -> Path:
+    """`checkpoints/step_00000000`: the weights in the layout-independent form of a one-rank
+    layout, no DeepSpeed files (so every layout reshards from it), no optimizer state."""
+    root = run_dir / "checkpoints"
+    if latest_checkpoint(root) is not None:
+        raise ConfigError(
+            f"--run-dir = {run_dir}: already holds a checkpoint; import into a new directory"
+        )
+    tag = tag_of(0)
+    staging = root / ".staging" / tag
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "model").mkdir(parents=True)
+    shard = shard_name(0, 0)
+    save_file(weights, str(staging / "model" / f"{shard}.safetensors"))
+    dims = dict.fromkeys(weights)  # one tensor-parallel rank: nothing is split
+    atomic.write_json(staging / "model" / f"{shard}.json", {"partition_dims": dims})
+    layout = {"format": FORMAT, "tensor": 1, "pipeline": 1, "data": None, "zero_stage": None}
+    layout.update(precision=None, deepspeed=False, source=f"the Hugging Face model {source}")
+    atomic.write_json(staging / "model" / "layout.json", layout)
+    atomic.write_json(staging / "trainer_state.json", asdict(TrainerState()))
+    atomic.write_text(staging / "config.yaml", dump_config(cfg))
+    shutil.copyfile(run_dir / "tokenizer.json", staging / "tokenizer.json")
+    final = root / tag
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    atomic.write_text(root / "latest", tag + "\n")
+    return final

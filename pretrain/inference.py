@@ -1,0 +1,63 @@
+"""A trained model in one process, from any checkpoint of any layout: what generation,
+evaluation and export start from.
+
+The checkpoint's layout-independent weights (its fp32 master weights when it trained in
+bf16/fp16) are loaded into a one-rank `Transformer` in fp32, beside the run's configuration
+and tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tokenizers import Tokenizer
+
+from pretrain.config import KilnConfig, load_config
+from pretrain.model.transformer import Transformer
+from pretrain.train.checkpoint import resolve_checkpoint
+from pretrain.train.optimizer_state import MASTER
+from pretrain.train.weights import CheckpointError, LayoutIndependentState, load_weights
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    cfg: KilnConfig
+    checkpoint: Path
+    tokenizer: Tokenizer
+    eos_id: int | None
+
+
+def single_process_group() -> None:
+    """megatron-core's layers need a process group and its parallel state, even alone."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+
+
+def checkpoint_weights(checkpoint: Path, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Full weights under canonical names: the fp32 master weights where they were saved."""
+    state = LayoutIndependentState(checkpoint, vocab_size)
+    return state.weights(MASTER if state.has(MASTER) else "model")
+
+
+def load_model(path: Path) -> LoadedModel:
+    """The model of a run directory's latest checkpoint (or of a checkpoint directory)."""
+    checkpoint = resolve_checkpoint(Path(path))
+    cfg = load_config(checkpoint / "config.yaml")
+    if cfg.model is None:
+        raise CheckpointError(f"{checkpoint}/config.yaml has no model section")
+    tokenizer_file = checkpoint / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise CheckpointError(f"{checkpoint}: no tokenizer.json beside the weights")
+    single_process_group()
+    model = Transformer(cfg.model, tensor=1, seed=cfg.train.seed)
+    load_weights(model, checkpoint_weights(checkpoint, cfg.model.vocab_size))
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    eos = tokenizer.token_to_id(cfg.tokenizer.eos_token)
+    return LoadedModel(model.eval(), cfg, checkpoint, tokenizer, eos)
