@@ -27,3 +27,31 @@ def run_kiln(*args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.C
 @pytest.fixture
 def kiln():
     return run_kiln
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """A small prepared data directory (real tokenizer, shards, manifest), made once."""
+    from tests.training_support import write_data_dir
+
+    return write_data_dir(tmp_path_factory.mktemp("data") / "prepared")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, data):
+    """`runs(name)`: the run directory of layout `name` of `training_support.LAYOUTS` after
+    its complete 10-step run, trained the first time a test asks for it."""
+    from tests.training_support import LAYOUTS, train
+
+    root = tmp_path_factory.mktemp("runs")
+    done: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in done:
+            nproc, overrides = LAYOUTS[name]
+            result = train(data, root / name, nproc, *overrides)
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+            done[name] = root / name
+        return done[name]
+
+    return run

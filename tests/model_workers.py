@@ -41,3 +41,15 @@ def tensor_parallel_step(
         }
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def checkpoint_logits(rank: int, world: int, run_dir: str, ids: torch.Tensor) -> torch.Tensor:
+    """Kiln's own logits over the real vocabulary for a checkpoint, in one process."""
+    from pretrain.inference import load_model
+
+    try:
+        loaded = load_model(run_dir)
+        with torch.no_grad():
+            return loaded.model(ids)[..., : loaded.cfg.model.vocab_size].clone()
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,15 +13,10 @@ from cluster.launch.local import free_port
 from cluster.plan import build_plan
 from cluster.rundir import check_trainable, prepare_run_dir
 from tests.conftest import REPO
-from tests.training_support import SMALL, environment, losses, train, write_data_dir
+from tests.training_support import SMALL, environment, losses
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_data_dir(tmp_path_factory.mktemp("data") / "prepared")
-
-
-def test_two_nodes_train_like_one(data, tmp_path):
+def test_two_nodes_train_like_one(data, runs, tmp_path):
     overrides = [f"data.path={data}", *SMALL, "parallel.zero_stage=1"]
     run_dir = tmp_path / "two-nodes"
     cfg, plan = build_plan(
@@ -47,9 +41,7 @@ def test_two_nodes_train_like_one(data, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "TP 1 x PP 1 x DP 2" in outputs[0]
 
-    one_node = tmp_path / "one-node"
-    result = train(data, one_node, 2, "parallel.zero_stage=1")
-    assert result.returncode == 0, result.stderr[-3000:]
+    one_node = runs("dp2-zero1")  # the same layout on one node
     assert losses(run_dir) == pytest.approx(losses(one_node), rel=1e-6)
     assert sorted(losses(run_dir)) == list(range(1, 11))
 

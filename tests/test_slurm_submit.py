@@ -14,14 +14,9 @@ import pytest
 from cluster.slurm.batch import job_state
 from tests.conftest import REPO, kiln_executable
 from tests.slurm_cluster import slurm_cluster  # noqa: F401
-from tests.training_support import SMALL, environment, logged_steps, losses, write_data_dir
+from tests.training_support import SMALL, environment, logged_steps, losses
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_data_dir(tmp_path_factory.mktemp("data") / "prepared")
 
 
 def kiln(*args: str) -> subprocess.CompletedProcess:

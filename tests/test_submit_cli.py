@@ -9,12 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_kiln
-from tests.training_support import SMALL, train, write_data_dir
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_data_dir(tmp_path_factory.mktemp("data") / "prepared")
+from tests.training_support import SMALL, train
 
 
 def submit(run_dir: Path, data: Path, *args: str):

@@ -13,46 +13,7 @@ import torch
 from pretrain.train.checkpoint import latest_checkpoint
 from pretrain.train.weights import consolidated_weights
 from tests.conftest import run_kiln
-from tests.training_support import VOCAB, losses, records, train, train_until, write_data_dir
-
-LAYOUTS: dict[str, tuple[int, list[str]]] = {
-    "single": (1, []),
-    "tp2": (2, ["parallel.tensor=2"]),
-    "pp2": (2, ["parallel.pipeline=2"]),
-    "dp2-zero0": (2, ["parallel.zero_stage=0"]),
-    "dp2-zero1": (2, ["parallel.zero_stage=1"]),
-    "dp2-zero2": (2, ["parallel.zero_stage=2"]),
-    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
-    "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
-    # Activation checkpointing: recomputed blocks give the same numbers.
-    "recompute": (1, ["train.activation_checkpointing=true"]),
-    "pp2-recompute": (2, ["parallel.pipeline=2", "train.activation_checkpointing=true"]),
-    # GPT: tied embeddings, kept on the first and the last stage; learned positions; biases.
-    "gpt-single": (1, ["model.arch=gpt"]),
-    "gpt-tp2-pp2": (4, ["model.arch=gpt", "parallel.tensor=2", "parallel.pipeline=2"]),
-}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_data_dir(tmp_path_factory.mktemp("data") / "prepared")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, data):
-    """Each layout's complete 10-step run, trained once per test session."""
-    root = tmp_path_factory.mktemp("runs")
-    done: dict[str, Path] = {}
-
-    def run(name: str) -> Path:
-        if name not in done:
-            nproc, overrides = LAYOUTS[name]
-            result = train(data, root / name, nproc, *overrides)
-            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-            done[name] = root / name
-        return done[name]
-
-    return run
+from tests.training_support import LAYOUTS, VOCAB, losses, records, train, train_until
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -43,6 +43,30 @@ SMALL = [
 ]
 
 
+# The runs the training tests compare, each trained once per test session (`runs` fixture):
+# name -> (processes, overrides on top of SMALL).
+LAYOUTS: dict[str, tuple[int, list[str]]] = {
+    "single": (1, []),
+    "tp2": (2, ["parallel.tensor=2"]),
+    "pp2": (2, ["parallel.pipeline=2"]),
+    "dp2-zero0": (2, ["parallel.zero_stage=0"]),
+    "dp2-zero1": (2, ["parallel.zero_stage=1"]),
+    "dp2-zero2": (2, ["parallel.zero_stage=2"]),
+    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
+    "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    # Activation checkpointing: recomputed blocks give the same numbers.
+    "recompute": (1, ["train.activation_checkpointing=true"]),
+    "pp2-recompute": (2, ["parallel.pipeline=2", "train.activation_checkpointing=true"]),
+    # GPT (GPT-2's shape: every head its own K and V): tied embeddings, kept on the first and
+    # the last stage; learned positions; biases.
+    "gpt-single": (1, ["model.arch=gpt", "model.num_kv_heads=4"]),
+    "gpt-tp2-pp2": (
+        4,
+        ["model.arch=gpt", "model.num_kv_heads=4", "parallel.tensor=2", "parallel.pipeline=2"],
+    ),
+}
+
+
 def write_data_dir(root: Path, documents: int = 400) -> Path:
     """Real text through a real tokenizer into shards and a manifest, without Ray."""
     _, _, texts = distinct_documents(seed=11, count=documents, min_words=40, max_words=200)
