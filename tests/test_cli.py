@@ -10,7 +10,10 @@ from pretrain.config import load_config
 def test_help_lists_the_commands(kiln):
     result = kiln("--help")
     assert result.returncode == 0
-    assert "config" in result.stdout and "usage: kiln" in result.stdout
+    assert "usage: kiln" in result.stdout
+    commands = "config data train generate export import-hf eval submit runs status logs cancel"
+    for command in [*commands.split(), "report"]:
+        assert any(line.split()[:1] == [command] for line in result.stdout.splitlines()), command
 
 
 def test_version(kiln):
