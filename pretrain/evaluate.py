@@ -10,7 +10,6 @@ over those tokens; perplexity is its exponential.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -19,8 +18,15 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from pretrain.data import DataDirError, build_validation_samples, micro_batch, read_manifest
+from pretrain.data import (
+    DataDirError,
+    build_validation_samples,
+    configured_sources,
+    micro_batch,
+    read_manifest,
+)
 from pretrain.inference import load_model
+from pretrain.train.checkpoint import TrainerState
 
 
 @dataclass
@@ -35,16 +41,6 @@ class Evaluation:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def data_sources(cfg, data: Path | None) -> list[tuple[str, float]]:
-    if data is not None:
-        return [(str(data), 1.0)]
-    if cfg.data.blend:
-        return [(entry.path, entry.weight) for entry in cfg.data.blend]
-    if cfg.data.path:
-        return [(cfg.data.path, 1.0)]
-    raise DataDirError("the run's configuration names no data: pass --data DIR")
 
 
 def check_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
@@ -71,7 +67,7 @@ def evaluate(
     loaded = load_model(Path(path))
     cfg = loaded.cfg
     seq_length, seed = cfg.train.seq_length, cfg.train.seed
-    sources = data_sources(cfg, data)
+    sources = [(str(data), 1.0)] if data is not None else configured_sources(cfg.data)
     for directory, _ in sources:
         check_tokenizer(Path(directory), loaded.tokenizer)
     runner = LossRunner(loaded.model, cfg, micro_batch_size, progress)
@@ -88,7 +84,7 @@ def evaluate(
         mean, _ = runner.mean_loss(samples, count)
     return Evaluation(
         checkpoint=str(loaded.checkpoint),
-        step=read_step(loaded.checkpoint),
+        step=TrainerState.read(loaded.checkpoint).step,
         data=[str(p) for p, _ in sources],
         sequences=count,
         tokens=count * seq_length,
@@ -124,7 +120,3 @@ class LossRunner:
                 loss = self.model(inputs, targets)
             total += float(loss) * inputs.shape[0]  # each row holds the same number of tokens
         return total / count, count
-
-
-def read_step(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])

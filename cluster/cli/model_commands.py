@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from cluster.rundir import check_trainable, prepare_run_dir
-from pretrain.config.errors import ConfigError
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -94,6 +93,7 @@ def _import_hf(args: argparse.Namespace) -> int:
         build_config,
         check_same_tokenizer,
         read_model,
+        refuse_existing_checkpoint,
         write_initial_checkpoint,
     )
 
@@ -105,13 +105,8 @@ def _import_hf(args: argparse.Namespace) -> int:
     cfg = build_config(args.config, args.overrides, settings)
     check_trainable(cfg)
     run_dir: Path = args.run_dir
-    if (run_dir / "checkpoints" / "latest").is_file():
-        raise ConfigError(
-            f"--run-dir = {run_dir}: already holds a checkpoint; import into a new directory"
-        )
-    data_dir = Path(cfg.data.path or cfg.data.blend[0].path)
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    note = check_same_tokenizer(args.hf_dir, data_dir / manifest["tokenizer"]["file"])
+    refuse_existing_checkpoint(run_dir)  # before anything is written into it
+    note = check_same_tokenizer(args.hf_dir, Path(cfg.data.path or cfg.data.blend[0].path))
     prepare_run_dir(cfg, run_dir, resume=True)
     checkpoint = write_initial_checkpoint(run_dir, cfg, weights, args.hf_dir)
     model = cfg.model

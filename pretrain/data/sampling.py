@@ -230,6 +230,15 @@ def _open_split(
     return [PackedSequences(stream, seq_length) for _, stream in streams]
 
 
+def configured_sources(data) -> list[tuple[str, float]]:
+    """(directory, weight) of a run's `data` section: `data.blend`, else `data.path`."""
+    if data.blend:
+        return [(entry.path, entry.weight) for entry in data.blend]
+    if data.path:
+        return [(data.path, 1.0)]
+    raise DataDirError("the configuration names no data: set data.path or data.blend")
+
+
 def build_train_samples(
     paths_and_weights: Sequence[tuple[str | Path, float]], seq_length: int, seed: int
 ) -> Blend:

@@ -70,10 +70,13 @@ def _normalise_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return tensors
 
 
-def check_same_tokenizer(folder: Path, data_tokenizer: Path) -> str:
+def check_same_tokenizer(folder: Path, data_dir: Path) -> str:
     """The data must be tokenised with the model's own tokenizer; a note when unknowable."""
     from tokenizers import Tokenizer
 
+    from pretrain.data import read_manifest
+
+    data_tokenizer = Path(data_dir) / read_manifest(data_dir)["tokenizer"]["file"]
     model_tokenizer = folder / "tokenizer.json"
     if not model_tokenizer.is_file():
         return (
@@ -115,16 +118,21 @@ def read_model(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return settings, {name: t.to(torch.float32).contiguous() for name, t in weights.items()}
 
 
+def refuse_existing_checkpoint(run_dir: Path) -> None:
+    """An import starts a run: it never replaces one."""
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        raise ConfigError(
+            f"--run-dir = {run_dir}: already holds a checkpoint; import into a new directory"
+        )
+
+
 def write_initial_checkpoint(
     run_dir: Path, cfg, weights: dict[str, torch.Tensor], source: Path
 ) -> Path:
     """`checkpoints/step_00000000`: the weights in the layout-independent form of a one-rank
     layout, no DeepSpeed files (so every layout reshards from it), no optimizer state."""
+    refuse_existing_checkpoint(run_dir)
     root = run_dir / "checkpoints"
-    if latest_checkpoint(root) is not None:
-        raise ConfigError(
-            f"--run-dir = {run_dir}: already holds a checkpoint; import into a new directory"
-        )
     tag = tag_of(0)
     staging = root / ".staging" / tag
     shutil.rmtree(staging, ignore_errors=True)

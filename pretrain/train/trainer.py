@@ -21,7 +21,12 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import KilnConfig, dump_config, load_config
-from pretrain.data import DataDirError, build_train_samples, build_validation_samples
+from pretrain.data import (
+    DataDirError,
+    build_train_samples,
+    build_validation_samples,
+    configured_sources,
+)
 from pretrain.data.sampling import micro_batch, rank_batch_indices
 from pretrain.data.stream import read_manifest
 from pretrain.model.sizing import count_parameters, human_count
@@ -46,12 +51,7 @@ class TrainingData:
 
     def __init__(self, cfg: KilnConfig, data_rank: int) -> None:
         assert cfg.train.seq_length is not None and cfg.model is not None
-        if cfg.data.blend:
-            sources = [(entry.path, entry.weight) for entry in cfg.data.blend]
-        elif cfg.data.path:
-            sources = [(cfg.data.path, 1.0)]
-        else:
-            raise DataDirError("the configuration names no data: set data.path or data.blend")
+        sources = configured_sources(cfg.data)
         for path, _ in sources:
             vocab = read_manifest(path)["tokenizer"]["vocab_size"]
             if vocab > cfg.model.vocab_size:
