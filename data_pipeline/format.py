@@ -22,6 +22,7 @@ whose `.idx` exists is complete.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -66,7 +67,8 @@ def shard_exists(prefix: str | Path) -> bool:
 
 
 class ShardWriter:
-    """Write documents of token ids into one shard; `close()` makes it visible atomically.
+    """Write documents of token ids into one shard; `close()` makes it visible atomically and
+    leaves the sha256 of both files in `bin_sha256` / `idx_sha256` (computed while writing).
 
     with ShardWriter("out/train_00000", np.uint16) as shard:
         shard.add_document(ids)
@@ -79,23 +81,33 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         self._tmp_bin = self.prefix.with_name(self.prefix.name + ".bin.tmp")
         self._data = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._lengths: list[int] = []
+        self._bin_hash = hashlib.sha256()
+        self._lengths: list[np.ndarray] = []
         self._closed = False
+        self.bin_sha256 = self.idx_sha256 = ""
 
     @property
     def num_documents(self) -> int:
-        return len(self._lengths)
+        return sum(len(lengths) for lengths in self._lengths)
 
     @property
     def num_tokens(self) -> int:
-        return sum(self._lengths)
+        return int(sum(int(lengths.sum()) for lengths in self._lengths))
 
     def add_document(self, token_ids: np.ndarray | list[int]) -> None:
         array = np.asarray(token_ids)
-        if array.size and (array.min() < 0 or array.max() > np.iinfo(self.dtype).max):
+        self.add_documents(array, np.asarray([array.size], dtype=np.int64))
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents given as their tokens back to back and each one's length."""
+        array = np.asarray(tokens)
+        converted = array.dtype != self.dtype and array.size
+        if converted and (array.min() < 0 or array.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"token ids out of range for {self.dtype}")
-        self._data.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
-        self._lengths.append(int(array.size))
+        data = array.astype(self.dtype, copy=False).tobytes(order="C")
+        self._data.write(data)
+        self._bin_hash.update(data)
+        self._lengths.append(np.asarray(lengths, dtype=np.int64))
 
     def close(self) -> None:
         """Flush the data, write the index, and rename both into place."""
@@ -105,13 +117,17 @@ class ShardWriter:
         self._data.flush()
         os.fsync(self._data.fileno())
         self._data.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        index_bytes = encode_index(lengths, self.dtype.type)
         tmp_idx = self.prefix.with_name(self.prefix.name + ".idx.tmp")
         with open(tmp_idx, "wb") as index:
-            index.write(encode_index(self._lengths, self.dtype.type))
+            index.write(index_bytes)
             index.flush()
             os.fsync(index.fileno())
         os.replace(self._tmp_bin, bin_path(self.prefix))
         os.replace(tmp_idx, idx_path(self.prefix))
+        self.bin_sha256 = self._bin_hash.hexdigest()
+        self.idx_sha256 = hashlib.sha256(index_bytes).hexdigest()
 
     def abort(self) -> None:
         if not self._closed:
@@ -130,7 +146,9 @@ class ShardWriter:
 
 
 def encode_index(
-    lengths: list[int], dtype: type[np.number], document_indices: list[int] | None = None
+    lengths: list[int] | np.ndarray,
+    dtype: type[np.number],
+    document_indices: list[int] | None = None,
 ) -> bytes:
     """The `.idx` bytes for sequences of `lengths` (one document each unless indices given)."""
     lengths_array = np.asarray(lengths, dtype=np.int64)
@@ -139,7 +157,7 @@ def encode_index(
     if len(lengths_array) > 1:
         np.cumsum(lengths_array[:-1] * itemsize, out=pointers[1:])
     if document_indices is None:
-        document_indices = list(range(len(lengths_array) + 1))
+        document_indices = np.arange(len(lengths_array) + 1, dtype=np.int64)
     return b"".join(
         (
             MAGIC,

@@ -61,8 +61,17 @@ def summary_tables(manifest: dict[str, Any]) -> list[Table]:
     timings = Table(title="Timings", show_header=True)
     timings.add_column("stage")
     timings.add_column("seconds", justify="right")
+    timings.add_column("rate", justify="right")
+    throughput = manifest.get("execution", {}).get("throughput", {})
     for stage, seconds in manifest["timings_s"].items():
-        timings.add_row(stage, f"{seconds:.1f}")
+        done = throughput.get(stage)
+        rate = f"{done['amount'] / seconds:,.0f} {done['unit']}/s" if done and seconds else ""
+        timings.add_row(stage, f"{seconds:.1f}", rate)
+    execution = manifest.get("execution", {})
+    if execution.get("ray_nodes"):
+        timings.title = (
+            f"Timings (Ray: {execution['ray_nodes']} node(s), {execution['ray_cpus']} CPUs)"
+        )
     tokenizer = manifest["tokenizer"]
     timings.caption = (
         f"tokenizer: {tokenizer['source']}, {tokenizer['vocab_size']:,} entries, "

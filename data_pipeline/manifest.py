@@ -1,5 +1,8 @@
 """manifest.json: what `kiln data prepare` made, from what, and how every document was counted.
 
+`timings_s` and `execution` (Ray nodes and CPUs, each stage's throughput) describe the run, not
+the data: they are the only parts that differ between two runs of the same job.
+
 `counts` reconciles exactly: in = kept + sum(filtered) + exact_duplicates + near_duplicates +
 malformed, in documents (a malformed record counts as one document read).
 """
@@ -10,7 +13,7 @@ from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from .plan import Part
+from .plan import Part, Plan
 
 MANIFEST = "manifest.json"
 WEIGHT_RULE = "input_weight"  # documents an input weight below 1 left out
@@ -25,29 +28,33 @@ def build_manifest(
     *,
     config: dict[str, Any],
     fingerprint: str,
-    parts: list[Part],
+    plan: Plan,
     clean: list[dict],
     exact_removed: int,
     tokenized: list[dict],
-    near: dict[str, Any],
-    weights: dict[str, int],
+    near: dict[str, int],
+    assigned: list[dict],
     shards: list[dict],
     tokenizer: dict[str, Any],
     timings: dict[str, float],
+    throughput: dict[str, dict[str, Any]],
+    execution: dict[str, Any],
 ) -> dict[str, Any]:
+    """The manifest from every stage's per-part (or per-bucket) counts."""
     filtered: Counter[str] = Counter()
     for part in clean:
         filtered.update(part["filtered"])
-    if weights.get("filtered"):
-        filtered[WEIGHT_RULE] += weights["filtered"]
+    weight_filtered = sum(a["weight_filtered"] for a in assigned)
+    if weight_filtered:
+        filtered[WEIGHT_RULE] += weight_filtered
     read = sum(c["in"] for c in clean)
     malformed = sum(c["malformed"] for c in clean)
     after_filters = sum(c["kept"] for c in clean)
     tokenized_documents = sum(t["documents"] for t in tokenized)
-    near_removed = len(near["drop"])
+    near_removed = sum(a["near_removed"] for a in assigned)
     counts = {
         "in": read,
-        "kept": weights.get("kept", 0),
+        "kept": sum(a["kept"] for a in assigned),
         "filtered": dict(sorted(filtered.items())),
         "exact_duplicates": exact_removed,
         "near_duplicates": near_removed,
@@ -60,7 +67,9 @@ def build_manifest(
             "step": "filter",
             "in": read - malformed,
             "kept": after_filters,
-            "filtered": counts["filtered"],
+            "filtered": dict(
+                sorted(Counter({k: v for k, v in filtered.items() if k != WEIGHT_RULE}).items())
+            ),
         },
         {"step": "exact_dedup", "in": after_filters, "removed": exact_removed},
         {
@@ -77,8 +86,8 @@ def build_manifest(
         },
         {
             "step": "weights",
-            "removed": weights.get("filtered", 0),
-            "extra_copies": weights.get("extra_copies", 0),
+            "removed": weight_filtered,
+            "extra_copies": sum(a["extra_copies"] for a in assigned),
         },
         {
             "step": "shards",
@@ -100,8 +109,9 @@ def build_manifest(
         "tokenizer": tokenizer,
         "shards": shards,
         "steps": steps,
-        "inputs": _inputs(config, parts, clean),
+        "inputs": _inputs(config, plan.parts, clean),
         "timings_s": timings,
+        "execution": {**execution, "throughput": throughput},
         "config": config,
     }
 
@@ -110,13 +120,14 @@ def _inputs(config: dict[str, Any], parts: list[Part], clean: list[dict]) -> lis
     specs = config.get("data", {}).get("inputs", [])
     rows = []
     for index, spec in enumerate(specs):
-        mine = [c for p, c in zip(parts, clean, strict=True) if p.input_index == index]
+        mine = [p for p in parts if p.input_index == index]
+        counts = [clean[p.index] for p in mine]
         rows.append(
             {
                 "path": spec["path"],
-                "files": sum(len(p.files) for p in parts if p.input_index == index),
-                "documents": sum(c["in"] for c in mine),
-                "kept_after_filters": sum(c["kept"] for c in mine),
+                "files": len({file for p in mine for file in p.files}),
+                "documents": sum(c["in"] for c in counts),
+                "kept_after_filters": sum(c["kept"] for c in counts),
             }
         )
     return rows

@@ -1,5 +1,5 @@
-"""A live progress display for the pipeline's stages: parts done, and documents or tokens per
-second. Off (silent) when not wanted, e.g. in tests or when stdout is not a terminal."""
+"""A live progress display for the pipeline's stages: tasks done, and documents, tokens or pairs
+per second. Off (silent) when not wanted, e.g. in tests or when stdout is not a terminal."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from rich.progress import (
 
 
 class StageProgress:
-    """One bar per stage; `advance(task, parts, amount)` counts parts and documents/tokens."""
+    """One bar per stage; `advance(task, tasks, amount)` counts finished tasks and the stage's
+    unit (documents, tokens, pairs, edges)."""
 
     def __init__(self, enabled: bool, console: Console | None = None) -> None:
         self.enabled = enabled
@@ -23,7 +24,7 @@ class StageProgress:
             TextColumn("[bold]{task.description:<22}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("parts"),
+            TextColumn("tasks"),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
             console=console or Console(stderr=True),
@@ -51,3 +52,8 @@ class StageProgress:
         rate = self._amounts[task] / elapsed if elapsed > 0 else 0.0
         text = f"{self._amounts[task]:,} {self._units[task]} ({rate:,.0f}/s)"
         self._progress.update(task, advance=parts, rate=text)
+
+    def extend(self, task: TaskID, tasks: int) -> None:
+        """A stage found more work (another round of tasks)."""
+        total = self._progress.tasks[task].total or 0
+        self._progress.update(task, total=total + tasks)

@@ -7,6 +7,15 @@ the `.py` sources of this Python's standard library: Kiln's embedded default cor
 Expanding an input raises `InputError` for user mistakes (a missing path, a glob matching
 nothing). Reading a file never raises for bad content: every bad record becomes a `Malformed`,
 and reading goes on wherever the file still allows it.
+
+A large file is read in spans (`Span`), so that one file is several units of parallel work:
+an uncompressed JSON Lines or per-line text file by byte ranges (a span owns the lines that
+start inside it: where a range cuts a line, the line belongs to the span it starts in), a
+Parquet file by row groups. gzip and zstd streams cannot be entered in the middle, so compressed
+files are always read whole. Reading the spans of a file one after another gives the records of
+reading it whole, with two differences the caller resolves (`data_pipeline.plan` does): line
+numbers count from the span's first line, and a span never reports "empty file" (a file of
+blank lines is empty only if all its spans are; `ReadStats.records` tells).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import sysconfig
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from glob import glob
 from typing import Any, BinaryIO
 
@@ -242,20 +252,70 @@ def _url_tree(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[str]:
 # Reading one file
 
 
-def read_records(file: str, spec: InputConfig) -> Iterator[Record]:
-    """Stream the records of one file: `Document`s, and a `Malformed` for each bad record.
+@dataclass(frozen=True)
+class Span:
+    """A part of one file: bytes [start, stop) of a line file (the lines starting there), or
+    row groups [start, stop) of a Parquet file; `stop` None reads to the end."""
+
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop is None
+
+
+WHOLE = Span()
+
+
+@dataclass
+class ReadStats:
+    """What reading a span found, filled in as it is read."""
+
+    lines: int = 0  # lines read, blank ones included (line formats)
+    records: int = 0  # records yielded, documents and malformed ones
+
+
+def splittable(file: str, spec: InputConfig) -> str | None:
+    """How `file` can be read in spans: "bytes", "row_groups", or None (only whole)."""
+    fmt = infer_format(file) if spec.format == "auto" else spec.format
+    if fmt == "parquet":
+        return "row_groups"
+    if _compression(file) is not None:
+        return None
+    if fmt == "jsonl" or spec.text_mode == "line":
+        return "bytes"
+    return None
+
+
+def read_records(
+    file: str, spec: InputConfig, span: Span = WHOLE, stats: ReadStats | None = None
+) -> Iterator[Record]:
+    """Stream the records of one file (or of `span` of it): `Document`s, and a `Malformed` for
+    each bad record. `stats`, when given, is updated while reading.
 
     Raises `InputError` (at once, not while iterating) only when `spec.format` is `auto` and
     the name tells no format; the iteration itself never raises for bad content.
     """
     fmt = infer_format(file) if spec.format == "auto" else spec.format
+    stats = stats if stats is not None else ReadStats()
     if fmt == "parquet":
-        return _read_parquet(file, spec.text_field)
+        return _counted(_read_parquet(file, spec.text_field, span), stats)
     if fmt == "jsonl":
-        return _read_lines(file, lambda loc, line: _json_record(file, loc, line, spec.text_field))
-    if spec.text_mode == "line":
-        return _read_lines(file, lambda loc, line: _text_line_record(file, loc, line))
-    return _read_text_document(file)
+        parse = _json_parser(file, spec.text_field)
+    elif spec.text_mode == "line":
+        parse = _text_line_parser(file)
+    else:
+        if not span.whole:
+            raise ValueError(f"{file}: a whole-file text document cannot be read in spans")
+        return _counted(_read_text_document(file), stats)
+    return _counted(_read_lines(file, parse, span, stats), stats)
+
+
+def _counted(records: Iterator[Record], stats: ReadStats) -> Iterator[Record]:
+    for record in records:
+        stats.records += 1
+        yield record
 
 
 def _preview(raw: bytes | str) -> str:
@@ -359,58 +419,93 @@ def _stream_problem(exc: BaseException, codec: str | None) -> str:
     return f"read error: {exc}"
 
 
-def _numbered_lines(file: str) -> Iterator[tuple[int, bytes] | Malformed]:
-    """(line number, line without its `\\n` or `\\r\\n`), 1-based. A file that cannot be opened
-    gives one Malformed "file"; a damaged stream ends with a Malformed at the broken line."""
+def _numbered_lines(file: str, span: Span = WHOLE) -> Iterator[tuple[int, bytes] | Malformed]:
+    """(line number, line without its `\\n` or `\\r\\n`), 1-based from the span's first line,
+    for the lines that start inside `span`. A file that cannot be opened gives one Malformed
+    "file"; a damaged stream ends with a Malformed at the broken line."""
     codec = _compression(file)
+    if codec is not None and not span.whole:
+        raise ValueError(f"{file}: a compressed file cannot be read in byte ranges")
+    stop = span.stop
     with ExitStack() as stack:
         try:
             raw = stack.enter_context(_open_raw(file))
+            if span.start:
+                raw.seek(span.start - 1)  # the line holding byte start - 1 is the previous span's
         except _OPEN_ERRORS as exc:
             yield Malformed(file, "file", f"unreadable file: {exc}")
             return
+        position = max(span.start - 1, 0)  # file offset of the next chunk's first byte
+        skipping = span.start > 0  # until the first newline at or after start - 1
+        line_start = span.start  # file offset where the pending line starts
         lineno, pending = 0, []
         try:
             for chunk in _decompressed(raw, codec):
+                chunk_start, position = position, position + len(chunk)
+                if skipping:
+                    cut = chunk.find(b"\n")
+                    if cut < 0:
+                        continue
+                    skipping = False
+                    chunk_start, chunk = chunk_start + cut + 1, chunk[cut + 1 :]
+                    line_start = chunk_start
                 *complete, rest = chunk.split(b"\n")
+                cursor = chunk_start
                 for line in complete:
+                    cursor += len(line) + 1
+                    if stop is not None and line_start >= stop:
+                        return
                     if pending:
                         line, pending = b"".join([*pending, line]), []
                     lineno += 1
-                    yield lineno, _strip_line(line, lineno)
+                    yield lineno, _strip_line(line, lineno == 1 and span.start == 0)
+                    line_start = cursor
+                if stop is not None and line_start >= stop:
+                    return
                 if rest:
                     pending.append(rest)
         except _STREAM_ERRORS as exc:
             problem = _stream_problem(exc, codec)
             yield Malformed(file, f"line {lineno + 1}", problem, _preview(b"".join(pending)))
             return
-        if pending:
-            yield lineno + 1, _strip_line(b"".join(pending), lineno + 1)
+        if pending and not skipping:
+            yield lineno + 1, _strip_line(b"".join(pending), lineno == 0 and span.start == 0)
 
 
-def _strip_line(line: bytes, lineno: int) -> bytes:
+def _strip_line(line: bytes, file_start: bool) -> bytes:
     if line.endswith(b"\r"):
         line = line[:-1]
-    if lineno == 1 and line.startswith(UTF8_BOM):  # a byte-order mark is encoding, not text
+    if file_start and line.startswith(UTF8_BOM):  # a byte-order mark is encoding, not text
         line = line[len(UTF8_BOM) :]
     return line
 
 
-def _read_lines(file: str, parse: Callable[[str, bytes], Record]) -> Iterator[Record]:
-    """One record per non-blank line; "empty file" when there is none."""
+def _read_lines(
+    file: str, parse: Callable[[str, bytes], Record], span: Span, stats: ReadStats
+) -> Iterator[Record]:
+    """One record per non-blank line; "empty file" when a whole file has none."""
     empty = True
-    for item in _numbered_lines(file):
+    for item in _numbered_lines(file, span):
         if isinstance(item, Malformed):
             empty = False
             yield item
             continue
         lineno, line = item
+        stats.lines = lineno
         if not line or line.isspace():
             continue
         empty = False
         yield parse(f"line {lineno}", line)
-    if empty:
+    if empty and span.whole:
         yield Malformed(file, "file", "empty file")
+
+
+def _json_parser(file: str, field: str) -> Callable[[str, bytes], Record]:
+    return lambda location, line: _json_record(file, location, line, field)
+
+
+def _text_line_parser(file: str) -> Callable[[str, bytes], Record]:
+    return lambda location, line: _text_line_record(file, location, line)
 
 
 def _json_record(file: str, location: str, line: bytes, field: str) -> Record:
@@ -479,36 +574,69 @@ def _text_document(file: str, data: bytes) -> Record:
 # --- Parquet
 
 
-def _read_parquet(file: str, field: str) -> Iterator[Record]:
-    """One record per row of column `field`, read in record batches."""
+def _read_parquet(file: str, field: str, span: Span) -> Iterator[Record]:
+    """One record per row of column `field` in the row groups of `span`, read in batches.
+    Problems of the whole file are reported by the span that starts it."""
     with ExitStack() as stack:
         try:
             source = file if not _is_url(file) else stack.enter_context(_open_raw(file))
             parquet = stack.enter_context(pq.ParquetFile(source))
             columns = parquet.schema_arrow.names
         except (*_PARQUET_ERRORS, ImportError) as exc:
-            reason = "empty file" if _is_empty(file) else f"unreadable Parquet file: {exc}"
-            yield Malformed(file, "file", reason)
+            if span.start == 0:
+                reason = "empty file" if _is_empty(file) else f"unreadable Parquet file: {exc}"
+                yield Malformed(file, "file", reason)
             return
         if field not in columns:
-            existing = ", ".join(repr(c) for c in columns) or "none"
-            yield Malformed(file, "file", f"no column {field!r}; the columns are {existing}")
+            if span.start == 0:
+                existing = ", ".join(repr(c) for c in columns) or "none"
+                yield Malformed(file, "file", f"no column {field!r}; the columns are {existing}")
             return
         if parquet.metadata.num_rows == 0:
             yield Malformed(file, "file", "empty file")
             return
-        yield from _parquet_rows(file, parquet, field)
+        yield from _parquet_rows(file, parquet, field, span)
 
 
-def _parquet_rows(file: str, parquet: pq.ParquetFile, field: str) -> Iterator[Record]:
-    row = 0
+def _parquet_rows(file: str, parquet: pq.ParquetFile, field: str, span: Span) -> Iterator[Record]:
+    """The rows of row groups [span.start, span.stop), numbered from the file's first row; a
+    row group that cannot be read is one Malformed, and reading goes on with the next."""
+    metadata = parquet.metadata
+    stop = metadata.num_row_groups if span.stop is None else min(span.stop, metadata.num_row_groups)
+    row = sum(metadata.row_group(g).num_rows for g in range(span.start))
+    for group in range(span.start, stop):
+        first, size = row, metadata.row_group(group).num_rows
+        try:
+            batches = parquet.iter_batches(
+                batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[field]
+            )
+            for batch in batches:
+                for value in _column_values(batch.column(0)):
+                    yield _parquet_record(file, row, value, field)
+                    row += 1
+        except _PARQUET_ERRORS as exc:
+            lost = f"rows {row} to {first + size - 1}"
+            yield Malformed(
+                file, f"row {row}", f"corrupt Parquet row group {group} ({lost} lost): {exc}"
+            )
+        row = first + size
+
+
+def parquet_row_group_sizes(file: str) -> list[int]:
+    """The compressed size in bytes of each row group of a Parquet file ([] if unreadable)."""
     try:
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
-            for value in _column_values(batch.column(0)):
-                yield _parquet_record(file, row, value, field)
-                row += 1
-    except _PARQUET_ERRORS as exc:
-        yield Malformed(file, "file", f"corrupt Parquet file (rows from {row} on lost): {exc}")
+        with ExitStack() as stack:
+            source = file if not _is_url(file) else stack.enter_context(_open_raw(file))
+            metadata = stack.enter_context(pq.ParquetFile(source)).metadata
+            return [
+                sum(
+                    metadata.row_group(g).column(c).total_compressed_size
+                    for c in range(metadata.num_columns)
+                )
+                for g in range(metadata.num_row_groups)
+            ]
+    except (*_PARQUET_ERRORS, ImportError):
+        return []
 
 
 def _column_values(column: pa.Array) -> list[object]:

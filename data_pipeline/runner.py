@@ -1,28 +1,29 @@
-"""`kiln data prepare`: run the stages on Ray, resumably, and write shards plus a manifest.
+"""`kiln data prepare`: run the stages as Ray tasks, resumably, and write shards plus a manifest.
 
-    read + normalise + filter   Ray tasks over parts              clean/
-    exact dedup                 Ray tasks over hash partitions    exact/
-    tokenizer                   train on a hash-chosen sample, or load
-    tokenise + MinHash          Ray Data actor pool over parts    tokens/
-    near dedup                  Ray tasks over band-key partitions, union-find on the driver
-    shards                      corpus order, train/valid by hash, weights applied
-    manifest                    counts that reconcile, shard checksums, timings
+    read + normalise + filter   a task per part                 clean/    (+ exact-dedup map)
+    exact dedup                 a task per hash bucket          exact/
+    tokenizer                   a task per part picks its sample, trained here; or loaded
+    tokenise + MinHash          a task per part                 tokens/   (+ near-dedup map)
+    near dedup                  band, pair and connected-components tasks per bucket  near/
+    assign                      a task per part: copies and split of each document   assign/
+    shards                      a task per shard: a fixed range of a split's token stream
+    quarantine, manifest        counts that reconcile, shard checksums, timings
 
-Intermediate results live in OUTPUT/.work; each is renamed into place when complete, so a run
-killed at any point and started again redoes only unfinished work and writes the same bytes.
+The driver holds the plan (per-part metadata) and each task's small result, never texts, tokens,
+signatures, pairs or drop lists. Intermediate results live in OUTPUT/.work; each is renamed into
+place when complete, so a run killed at any point and started again redoes only unfinished work
+and writes the same bytes. After a successful run .work is removed (`keep_work` keeps it).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
+import resource
 import shutil
-import socket
 import time
-import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,36 +32,36 @@ import numpy as np
 
 from . import atomic
 from .config import DataConfig, TokenizerConfig
+from .errors import PrepareError
 from .format import token_dtype
 from .manifest import MANIFEST, build_manifest, reconcile
-from .plan import Part, fingerprint, plan_parts, save_plan
+from .plan import Part, Plan, fingerprint, plan_parts, save_plan
 from .progress import StageProgress
-from .shards import SPLITS, SplitWriter, copies_of, in_tokenizer_sample, split_of
-from .stages import (
-    PartTokenizer,
-    clean_part,
-    exact_duplicates,
-    hash_pairs,
-    load_tokens,
-    near_candidates,
-    read_clean,
-    signatures_of,
-    tokens_path,
+from .ray_cluster import (
+    RayCluster,
+    explain,
+    log_failure,
+    ray_session,
+    run_tasks,
+    use_ray_token_auth_if_available,
+    user_error,
 )
-from .steps.dedup import estimated_jaccard, near_duplicates
-from .tokenizer import (
-    file_sha256,
-    load_tokenizer,
-    save_tokenizer,
-    split_pieces,
-    train_tokenizer,
-)
+from .selection import SPLITS, passes
+from .stages import STAGE_DIRS, WorkDir
+from .stages.assign import assign_part
+from .stages.clean import clean_part
+from .stages.exact import exact_duplicates
+from .stages.near import connected_components, near_band_task, near_finalize, near_pair_task
+from .stages.quarantine import write_quarantine
+from .stages.sample import sample_part, sample_texts
+from .stages.shards import Segment, write_shard
+from .stages.tokenize import tokenize_part
+from .tokenizer import file_sha256, load_tokenizer, save_tokenizer, train_tokenizer
+
+__all__ = ["PrepareError", "prepare", "use_ray_token_auth_if_available"]
 
 WORK = ".work"
-
-
-class PrepareError(RuntimeError):
-    """A problem with the output directory or the run as a whole, as one line."""
+PLAN_HEAD_START_S = 1.0  # a plan this quick is checked (and fails) before Ray starts
 
 
 def prepare(
@@ -71,66 +72,61 @@ def prepare(
     ray_address: str | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    keep_work: bool = False,
 ) -> dict[str, Any]:
     """Prepare `data.inputs` into shards under `output`; return the manifest."""
-    parts = plan_parts(data)  # bad paths fail here, before Ray starts
-    if ray_address:
-        _check_reachable(ray_address)
-    key = fingerprint(data, tokenizer, parts)
-    output = Path(output)
-    work = output / WORK
-    _claim_output(output, work, key, overwrite)
-    existing = output / MANIFEST
-    if existing.exists():
-        return atomic.read_json(existing)  # this exact job is already complete
-    for sub in ("clean", "exact", "tokens", "near", "shards"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
-    atomic.remove_temporaries(output)
-    save_plan(work, data, tokenizer, parts)
+    output = Path(output).absolute()  # workers on other nodes have other working directories
+    with ThreadPoolExecutor(max_workers=1) as background:
+        planning = background.submit(plan_parts, data)  # listing a large corpus takes a while
+        plan = _result_within(planning, PLAN_HEAD_START_S)  # bad paths fail here, before Ray
+        if plan is not None:
+            key = _claim_output(output, fingerprint(data, tokenizer, plan), overwrite)
+            if (output / MANIFEST).exists():
+                return atomic.read_json(output / MANIFEST)  # this exact job is already complete
+        started = time.perf_counter()
+        with ray_session(ray_address, output) as cluster:
+            import ray
 
-    timings: dict[str, float] = {}
-    with _ray(ray_address) as cpus, StageProgress(show_progress) as progress:
-        timer = functools.partial(_timed, timings)
-        with timer("read_clean_filter"):
-            clean = _run_clean(parts, data, work, cpus, progress)
-        with timer("exact_dedup"):
-            exact_drop = _run_exact(parts, data, work, cpus)
-        with timer("tokenizer"):
-            tokenizer_info = _run_tokenizer(parts, data, tokenizer, work, output, exact_drop, clean)
-        with timer("tokenize"):
-            tokenized = _run_tokenize(parts, data, work, cpus, progress)
-        with timer("near_dedup"):
-            near = _run_near(parts, data, work, cpus, progress)
-        with timer("shards"):
-            shards, weights = _write_shards(
-                parts, data, work, output, tokenizer_info, near["drop"], progress
-            )
-    _write_quarantine(parts, work, output)
-    manifest = build_manifest(
-        config=resolved_config,
-        fingerprint=key,
-        parts=parts,
-        clean=clean,
-        exact_removed=len(exact_drop),
-        tokenized=tokenized,
-        near=near,
-        weights=weights,
-        shards=shards,
-        tokenizer=tokenizer_info,
-        timings=timings,
-    )
-    reconcile(manifest["counts"])
-    atomic.write_json(existing, manifest)
+            ray_seconds = time.perf_counter() - started
+            if plan is None:
+                plan = planning.result()
+                key = _claim_output(output, fingerprint(data, tokenizer, plan), overwrite)
+                if (output / MANIFEST).exists():
+                    return atomic.read_json(output / MANIFEST)
+            job = PrepareJob(data, tokenizer, plan, output, cluster, show_progress)
+            job.timings["ray_start"] = round(ray_seconds, 3)
+            try:
+                manifest = job.run(key, resolved_config)
+            except ray.exceptions.RayError as error:
+                mistake = user_error(error)
+                if mistake is not None:
+                    raise mistake from None
+                log = log_failure(job.work.root, error)
+                raise PrepareError(f"{explain(error)} (details in {log})") from None
+    if not keep_work:
+        shutil.rmtree(output / WORK, ignore_errors=True)
     return manifest
 
 
-def _claim_output(output: Path, work: Path, key: str, overwrite: bool) -> None:
-    """The output directory holds this job, nothing, or (with --overwrite) is emptied."""
+def _result_within(future: Future, seconds: float) -> Plan | None:
+    try:
+        return future.result(timeout=seconds)
+    except FutureTimeout:
+        return None
+
+
+def _claim_output(output: Path, key: str, overwrite: bool) -> str:
+    """The output directory holds this job (finished or not), nothing, or (with --overwrite)
+    is emptied; returns the job's fingerprint."""
+    work = output / WORK
     marker = work / "fingerprint"
-    owned = marker.exists() and marker.read_text().strip() == key
+    manifest = output / MANIFEST
+    owned = (marker.exists() and marker.read_text().strip() == key) or (
+        manifest.exists() and atomic.read_json(manifest).get("fingerprint") == key
+    )
     occupied = output.exists() and any(output.iterdir())
     if occupied and not owned:
-        ours = work.exists() or (output / MANIFEST).exists()
+        ours = work.exists() or manifest.exists()
         if not ours:
             raise PrepareError(
                 f"{output}: is not empty and not a Kiln data directory; choose another --output"
@@ -141,306 +137,383 @@ def _claim_output(output: Path, work: Path, key: str, overwrite: bool) -> None:
                 "choose another --output or pass --overwrite to replace it"
             )
         shutil.rmtree(output)
-    work.mkdir(parents=True, exist_ok=True)
-    if not owned:
-        atomic.write_text(marker, key + "\n")
+    if not manifest.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        if not owned:
+            atomic.write_text(marker, key + "\n")
+    return key
 
 
-def _timed(timings: dict[str, float], name: str):
+class Meter:
+    """Counts a stage's finished tasks and amount (documents, tokens, pairs) on its bar."""
+
+    def __init__(self, progress: StageProgress, bar: Any) -> None:
+        self.progress, self.bar, self.amount = progress, bar, 0
+
+    def advance(self, tasks: int, amount: int = 0) -> None:
+        self.amount += amount
+        self.progress.advance(self.bar, tasks, amount)
+
+    def extend(self, tasks: int) -> None:
+        self.progress.extend(self.bar, tasks)
+
+
+class PrepareJob:
+    """The stages of one `kiln data prepare` run, each a method that runs its tasks."""
+
+    def __init__(
+        self,
+        data: DataConfig,
+        tokenizer: TokenizerConfig,
+        plan: Plan,
+        output: Path,
+        cluster: RayCluster,
+        show_progress: bool,
+    ) -> None:
+        self.data, self.tokenizer_cfg, self.plan = data, tokenizer, plan
+        self.parts = plan.parts
+        self.output = output
+        self.work = WorkDir(output / WORK)
+        self.cluster = cluster
+        self.window = 2 * cluster.cpus  # tasks in flight: enough to keep every CPU busy
+        self.show_progress = show_progress
+        self.timings: dict[str, float] = {}
+        self.throughput: dict[str, dict[str, Any]] = {}
+
+    @property
+    def exact_buckets(self) -> int:
+        return self.plan.exact_buckets if self.data.dedup.exact.enabled else 0
+
+    @property
+    def near_buckets(self) -> int:
+        return self.plan.near_buckets if self.data.dedup.near.enabled else 0
+
+    def run(self, key: str, resolved_config: dict[str, Any]) -> dict[str, Any]:
+        for stage in STAGE_DIRS:
+            (self.work.root / stage).mkdir(parents=True, exist_ok=True)
+        atomic.remove_temporaries(self.output)
+        save_plan(self.work.root, self.data, self.tokenizer_cfg, self.plan)
+        with StageProgress(self.show_progress) as self.progress:
+            clean = self.clean()
+            exact = self.exact_dedup()
+            tokenizer = self.train_or_load_tokenizer(clean)
+            tokenized = self.tokenize(clean)
+            near = self.near_dedup()
+            assigned = self.assign()
+            shards = self.write_shards(assigned, tokenizer["dtype"])
+            clean = self.write_quarantine(clean)
+        manifest = build_manifest(
+            config=resolved_config,
+            fingerprint=key,
+            plan=self.plan,
+            clean=clean,
+            exact_removed=sum(r["removed"] for r in exact),
+            tokenized=tokenized,
+            near=near,
+            assigned=assigned,
+            shards=shards,
+            tokenizer=tokenizer,
+            timings=self.timings,
+            throughput=self.throughput,
+            execution={
+                "ray_nodes": self.cluster.nodes,
+                "ray_cpus": self.cluster.cpus,
+                "nodes_used": len({r.get("node") for r in [*clean, *tokenized]} - {"", None}),
+                # ru_maxrss is in KiB on Linux: what this (driver) process ever held.
+                "driver_peak_rss_mb": round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+                ),
+            },
+        )
+        reconcile(manifest["counts"])
+        atomic.write_json(self.output / MANIFEST, manifest)
+        return manifest
+
+    # ----------------------------------------------------------------- running tasks
+
     @contextmanager
-    def timer():
+    def _stage(self, name: str, description: str, total: int, unit: str) -> Iterator[Meter]:
+        """Time a stage and give it a progress bar; what it counts is its throughput."""
+        meter = Meter(self.progress, self.progress.stage(description, total=total, unit=unit))
         started = time.perf_counter()
-        yield
-        timings[name] = round(time.perf_counter() - started, 3)
+        yield meter
+        self.timings[name] = round(time.perf_counter() - started, 3)
+        self.throughput[name] = {"amount": meter.amount, "unit": unit}
 
-    return timer()
+    def _map(
+        self,
+        function: Callable[..., dict],
+        calls: Iterable[tuple],
+        done_files: Iterable[Path],
+        on_result: Callable[[dict], None],
+        num_cpus: float = 1,
+    ) -> None:
+        """Run `function` over `calls`, reading the result of a call whose done file exists
+        (finished by an earlier run) instead of running it again."""
+        todo = []
+        for call, done in zip(calls, done_files, strict=True):
+            if done.exists():
+                on_result(atomic.read_json(done))
+            else:
+                todo.append(call)
+        run_tasks(function, todo, on_result, window=self.window, num_cpus=num_cpus)
 
+    def _per_part(
+        self,
+        stage: str,
+        function: Callable[..., dict],
+        calls: list[tuple],
+        meter: Meter,
+        amount: str,
+    ) -> dict[int, dict]:
+        results: dict[int, dict] = {}
 
-@contextmanager
-def _ray(address: str | None):
-    """Connect to the cluster at `address`, or start Ray on this machine; yield its CPU count."""
-    if address:
-        use_ray_token_auth_if_available()  # before importing ray, which reads it at import
-    import ray
-    import ray.data
-
-    logging.getLogger("ray").setLevel(logging.ERROR)  # Kiln reports progress and errors itself
-    started = False
-    if not ray.is_initialized():
-        try:
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                logging_level=logging.ERROR,
-                configure_logging=True,
-            )
-        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as error:
-            if address is None:
-                raise
-            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            raise PrepareError(
-                f"cannot connect to the Ray cluster at {address}: {first} (a cluster with token "
-                "authentication needs RAY_AUTH_MODE=token and its token in ~/.ray/auth_token "
-                "or RAY_AUTH_TOKEN)"
-            ) from None
-        started = True
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    try:
-        yield max(1, int(ray.cluster_resources().get("CPU", 1)))
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not after Ray's minutes of retries, when nothing listens at HOST:PORT."""
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():
-        return  # ray://, auto and other forms are Ray's to resolve
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as error:
-        raise PrepareError(
-            f"cannot reach the Ray cluster at {address}: {error.strerror or error} "
-            "(start one with `ray start --head`, or leave out --ray-address to run locally)"
-        ) from None
-
-
-def use_ray_token_auth_if_available() -> None:
-    """`ray start` turns token authentication on when a token exists, but a driver connecting by
-    address does not (Ray 2.60): do for the driver what `ray start` did for the cluster."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def _finished(
-    parts: list[Part], done_file: Callable[[Part], Path]
-) -> tuple[dict[int, dict], list[Part]]:
-    """Counts of the parts a stage already finished (in an earlier run), and the parts to do."""
-    results = {}
-    todo = []
-    for part in parts:
-        done = done_file(part)
-        if done.exists():
-            results[part.index] = atomic.read_json(done)
-        else:
-            todo.append(part)
-    return results, todo
-
-
-def _run_clean(
-    parts: list[Part], data: DataConfig, work: Path, cpus: int, progress: StageProgress
-) -> list[dict]:
-    results, todo = _finished(parts, lambda part: work / "clean" / f"{part.name}.json")
-    task = progress.stage("read, clean, filter", total=len(parts), unit="documents")
-    progress.advance(task, len(results), sum(r["in"] for r in results.values()))
-    if todo:
-        # Plain Ray tasks: on small machines Ray Data ran these maps one at a time.
-        import ray
-
-        remote = ray.remote(clean_part).options(num_cpus=1)
-        pending = [remote.remote(part, data, work) for part in todo]
-        while pending:
-            finished, pending = ray.wait(pending, num_returns=1)
-            result = ray.get(finished[0])
+        def collect(result: dict) -> None:
             results[result["part"]] = result
-            progress.advance(task, 1, result["in"])
-    return [results[p.index] for p in parts]
+            meter.advance(1, result[amount])
 
+        done = [self.work.part_file(stage, part, ".json") for part in self.parts]
+        self._map(function, calls, done, collect)
+        return results
 
-def _run_exact(parts: list[Part], data: DataConfig, work: Path, cpus: int) -> np.ndarray:
-    done = work / "exact" / "drop.npy"
-    if not data.dedup.exact.enabled:
-        return np.zeros(0, dtype=np.int64)
-    if done.exists():
-        return np.load(done)
-    import ray
+    # ----------------------------------------------------------------- the stages
 
-    partitions = _partitions(cpus)
-    task = ray.remote(exact_duplicates)
-    drops = ray.get([task.remote(parts, work, p, partitions) for p in range(partitions)])
-    drop = np.sort(np.concatenate(drops)) if drops else np.zeros(0, dtype=np.int64)
-    atomic.write_npy(done, drop)
-    return drop
+    def clean(self) -> list[dict]:
+        with self._stage(
+            "read_clean_filter", "read, clean, filter", len(self.parts), "documents"
+        ) as meter:
+            calls = [
+                (p, self.data, str(self.work.root), self.plan.exact_buckets) for p in self.parts
+            ]
+            results = self._per_part("clean", clean_part, calls, meter, "in")
+        return [results[p.index] for p in self.parts]
 
+    def exact_dedup(self) -> list[dict]:
+        buckets = self.exact_buckets
+        results: list[dict] = []
+        with self._stage("exact_dedup", "exact dedup", buckets, "documents") as meter:
 
-def _partitions(cpus: int) -> int:
-    return max(2, 2 * cpus)
+            def collect(result: dict) -> None:
+                results.append(result)
+                meter.advance(1, result["documents"])
 
+            calls = [(len(self.parts), str(self.work.root), b) for b in range(buckets)]
+            done = [self.work.bucket_file("exact", "drop", b, ".json") for b in range(buckets)]
+            self._map(exact_duplicates, calls, done, collect)
+        return results
 
-def _run_tokenizer(
-    parts: list[Part],
-    data: DataConfig,
-    cfg: TokenizerConfig,
-    work: Path,
-    output: Path,
-    exact_drop: np.ndarray,
-    clean: list[dict],
-) -> dict[str, Any]:
-    target = output / "tokenizer.json"
-    source = "loaded" if cfg.path else "trained"
-    if not target.exists():
-        if cfg.path:
-            tokenizer = load_tokenizer(cfg.path, cfg.eos_token)
-        else:
-            kept_bytes = sum(c["kept_bytes"] for c in clean)
-            share = min(1.0, cfg.train_sample_mb * 1e6 / max(kept_bytes, 1))
-            sample = _sample(parts, work, exact_drop, share, data.tokenize.max_piece_chars)
-            tokenizer = train_tokenizer(sample, cfg)
-        save_tokenizer(tokenizer, target)
-    tokenizer = load_tokenizer(target, cfg.eos_token)
-    vocab = tokenizer.get_vocab_size()
-    return {
-        "file": target.name,
-        "source": source if not cfg.path else f"loaded from {cfg.path}",
-        "sha256": file_sha256(target),
-        "vocab_size": vocab,
-        "eos_token": cfg.eos_token,
-        "eos_id": tokenizer.token_to_id(cfg.eos_token),
-        "dtype": np.dtype(token_dtype(vocab)).name,
-    }
+    def train_or_load_tokenizer(self, clean: list[dict]) -> dict[str, Any]:
+        cfg = self.tokenizer_cfg
+        target = self.output / "tokenizer.json"
+        with self._stage(
+            "tokenizer", "tokenizer", 0 if cfg.path else len(self.parts), "documents"
+        ) as meter:
+            if not target.exists():
+                if cfg.path:
+                    tokenizer = load_tokenizer(cfg.path, cfg.eos_token)
+                else:
+                    kept_bytes = sum(c["kept_bytes"] for c in clean)
+                    share = min(1.0, cfg.train_sample_mb * 1e6 / max(kept_bytes, 1))
+                    calls = [
+                        (
+                            p,
+                            str(self.work.root),
+                            self.exact_buckets,
+                            share,
+                            self.data.tokenize.max_piece_chars,
+                        )
+                        for p in self.parts
+                    ]
+                    self._per_part("sample", sample_part, calls, meter, "documents")
+                    tokenizer = train_tokenizer(sample_texts(self.work, self.parts), cfg)
+                save_tokenizer(tokenizer, target)
+        tokenizer = load_tokenizer(target, cfg.eos_token)
+        vocab = tokenizer.get_vocab_size()
+        return {
+            "file": target.name,
+            "source": f"loaded from {cfg.path}" if cfg.path else "trained",
+            "sha256": file_sha256(target),
+            "vocab_size": vocab,
+            "eos_token": cfg.eos_token,
+            "eos_id": tokenizer.token_to_id(cfg.eos_token),
+            "dtype": np.dtype(token_dtype(vocab)).name,
+        }
 
-
-def _sample(
-    parts: list[Part], work: Path, drop: np.ndarray, share: float, max_piece_chars: int
-) -> Iterable[str]:
-    """Kept, deduplicated texts whose hash falls in the first `share` of the hash space, long
-    ones in the same bounded pieces the encoder uses (the trainer's memory grows with the
-    longest sequence it is given)."""
-    for part in parts:
-        table = read_clean(work, part, ["id", "text", "hash"])
-        if table.num_rows == 0:
-            continue
-        ids = table.column("id").to_numpy()
-        chosen = in_tokenizer_sample(hash_pairs(table.column("hash").to_pylist()), share)
-        chosen &= ~np.isin(ids, drop)
-        texts = table.column("text")
-        for index in np.flatnonzero(chosen):
-            yield from split_pieces(texts[int(index)].as_py(), max_piece_chars)
-
-
-def _run_tokenize(
-    parts: list[Part], data: DataConfig, work: Path, cpus: int, progress: StageProgress
-) -> list[dict]:
-    import ray.data
-
-    results, todo = _finished(parts, lambda part: tokens_path(work, part, ".json"))
-    task = progress.stage("tokenise", total=len(parts), unit="tokens")
-    progress.advance(task, len(results), sum(r["tokens"] for r in results.values()))
-    if todo:
-        # This plan has no read tasks (the part list comes from the driver), so the pool may
-        # take every CPU without starving anything.
-        actors = data.tokenize.actors or cpus
-        with warnings.catch_warnings():
-            # max_restarts is only reachable through **ray_remote_args, deprecated in Ray 2.60
-            # (removal announced for 2.64; Kiln pins 2.60.x).
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            dataset = ray.data.from_items(
-                [{"part": p.index} for p in todo], override_num_blocks=len(todo)
-            ).map_batches(
-                PartTokenizer,
-                fn_constructor_kwargs={
-                    "work": str(work),
-                    "threads": max(1, cpus // actors),  # no more encoding threads than CPUs
-                },
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=min(actors, len(todo))),
-                num_cpus=1,
-                max_restarts=0,  # a failed run resumes from its finished parts instead
+    def tokenize(self, clean: list[dict]) -> list[dict]:
+        with self._stage("tokenize", "tokenise", len(self.parts), "tokens") as meter:
+            todo = [p for p in self.parts if not self.work.part_file("tokens", p, ".json").exists()]
+            # Few large parts and many CPUs: give each task several encoding threads.
+            threads = max(
+                1, min(self.cluster.cpus // max(len(todo), 1), self.cluster.largest_node_cpus)
             )
-        for row in dataset.iter_rows():
-            results[int(row["part"])] = {
-                "part": int(row["part"]),
-                "documents": int(row["documents"]),
-                "tokens": int(row["tokens"]),
-            }
-            progress.advance(task, 1, int(row["tokens"]))
-    return [results[p.index] for p in parts]
+            calls = [
+                (
+                    p,
+                    self.data,
+                    self.tokenizer_cfg,
+                    str(self.work.root),
+                    self.exact_buckets,
+                    self.plan.near_buckets,
+                    threads,
+                )
+                for p in self.parts
+            ]
+            # Largest first, so that the stage does not end waiting on one big part.
+            order = sorted(range(len(calls)), key=lambda i: -clean[i]["kept_bytes"])
+            results: dict[int, dict] = {}
+
+            def collect(result: dict) -> None:
+                results[result["part"]] = result
+                meter.advance(1, result["tokens"])
+
+            done = [self.work.part_file("tokens", self.parts[i], ".json") for i in order]
+            self._map(tokenize_part, [calls[i] for i in order], done, collect, num_cpus=threads)
+        return [results[p.index] for p in self.parts]
+
+    def near_dedup(self) -> dict[str, int]:
+        buckets = self.near_buckets
+        if not buckets:
+            return {"candidate_pairs": 0, "similar_pairs": 0, "removed": 0, "rounds": 0}
+        root = str(self.work.root)
+        with self._stage("near_dedup", "near dedup", 2 * buckets, "pairs") as meter:
+            bands = [
+                (len(self.parts), root, b, self.data.dedup.near, buckets) for b in range(buckets)
+            ]
+            self._buckets(near_band_task, bands, "band", lambda r: meter.advance(1))
+            counts = Counter()
+
+            def count_pairs(result: dict) -> None:
+                counts.update(
+                    candidate_pairs=result["candidate_pairs"], similar_pairs=result["similar_pairs"]
+                )
+                meter.advance(1, result["candidate_pairs"])
+
+            pairs = [(buckets, root, b, buckets) for b in range(buckets)]
+            self._buckets(near_pair_task, pairs, "pairs", count_pairs)
+            rounds = self._connected_components(buckets, meter)
+            removed = Counter()
+            meter.extend(buckets)
+            finalize = [(root, rounds, b, buckets) for b in range(buckets)]
+            self._buckets(
+                near_finalize,
+                finalize,
+                "drop",
+                lambda r: (removed.update(removed=r["removed"]), meter.advance(1)),
+            )
+        return {**counts, "removed": removed["removed"], "rounds": rounds}
+
+    def _connected_components(self, buckets: int, meter: Meter) -> int:
+        def run(step: Callable[..., dict], calls: list[tuple], done: list[Path]) -> list[dict]:
+            meter.extend(len(calls))
+            results: list[dict] = []
+            self._map(step, calls, done, results.append)
+            meter.advance(len(results))
+            return results
+
+        return connected_components(str(self.work.root), buckets, run)
+
+    def _buckets(
+        self, function: Callable, calls: list[tuple], name: str, on_result: Callable[[dict], Any]
+    ) -> None:
+        done = [self.work.bucket_file("near", name, call[2], ".json") for call in calls]
+        self._map(function, calls, done, on_result)
+
+    def assign(self) -> list[dict]:
+        count = passes(self.data)
+        with self._stage("assign", "assign", len(self.parts), "documents") as meter:
+            calls = [
+                (
+                    p,
+                    self.data.inputs[p.input_index].weight,
+                    self.data.shards.validation_fraction,
+                    count,
+                    str(self.work.root),
+                    self.near_buckets,
+                )
+                for p in self.parts
+            ]
+            results = self._per_part("assign", assign_part, calls, meter, "kept")
+        return [results[p.index] for p in self.parts]
+
+    def write_shards(self, assigned: list[dict], dtype: str) -> list[dict]:
+        jobs = list(_shard_jobs(assigned, self.data.shards.max_tokens))
+        shards: dict[str, dict] = {}
+        with self._stage("shards", "write shards", len(jobs), "tokens") as meter:
+
+            def collect(result: dict) -> None:
+                shards[result["name"]] = result
+                meter.advance(1, result["tokens"])
+
+            calls = [
+                (str(self.work.root), str(self.output), name, split, dtype, token_range, segments)
+                for name, split, token_range, segments in jobs
+            ]
+            done = [self.work.file("shards", f"{name}.json") for name, *_ in jobs]
+            self._map(write_shard, calls, done, collect)
+        return [shards[name] for name, *_ in jobs if shards[name]["documents"]]
+
+    def write_quarantine(self, clean: list[dict]) -> list[dict]:
+        """Join the quarantines; return the clean counts with the empty files found across
+        spans counted as malformed."""
+        offsets, empty_files = _span_fixups(self.parts, clean)
+        clean = [dict(c) for c in clean]
+        for part, _ in empty_files:
+            clean[part]["in"] += 1
+            clean[part]["malformed"] += 1
+        spans = [(p.index, len(clean[p.index]["spans"])) for p in self.parts]
+        with self._stage("quarantine", "quarantine", 1, "records") as meter:
+            run_tasks(
+                write_quarantine,
+                [(str(self.work.root), str(self.output), spans, offsets, empty_files)],
+                lambda written: meter.advance(1, written),
+                window=1,
+            )
+        return clean
 
 
-def _run_near(
-    parts: list[Part], data: DataConfig, work: Path, cpus: int, progress: StageProgress
-) -> dict[str, Any]:
-    done = work / "near" / "stats.json"
-    empty = {"drop": np.zeros(0, dtype=np.int64), "candidate_pairs": 0, "similar_pairs": 0}
-    if not data.dedup.near.enabled:
-        return empty
-    if done.exists():
-        return {**atomic.read_json(done), "drop": np.load(work / "near" / "drop.npy")}
-    import ray
-
-    task = progress.stage("near dedup", total=1, unit="pairs")
-    partitions = _partitions(cpus)
-    remote = ray.remote(near_candidates)
-    found = ray.get([remote.remote(parts, work, p, partitions) for p in range(partitions)])
-    pairs = np.concatenate(found, axis=0) if found else np.zeros((0, 2), dtype=np.int64)
-    pairs = np.unique(pairs, axis=0) if len(pairs) else pairs
-    if len(pairs):
-        members = np.unique(pairs)
-        signatures = signatures_of(parts, work, members)
-        rows = np.searchsorted(members, pairs)
-        similarity = estimated_jaccard(signatures[rows[:, 0]], signatures[rows[:, 1]])
-        similar = similarity >= data.dedup.near.threshold
-        drop = near_duplicates(pairs, similar)
-    else:
-        similar = np.zeros(0, dtype=bool)
-        drop = np.zeros(0, dtype=np.int64)
-    atomic.write_npy(work / "near" / "drop.npy", drop)
-    stats = {"candidate_pairs": int(len(pairs)), "similar_pairs": int(similar.sum())}
-    atomic.write_json(done, stats)
-    progress.advance(task, 1, int(len(pairs)))
-    return {**stats, "drop": drop}
+def _shard_jobs(
+    assigned: list[dict], max_tokens: int
+) -> Iterator[tuple[str, str, tuple[int, int], list[Segment]]]:
+    """(name, split, token range, segments) of every shard: segment (part, pass) of a split
+    starts where the one before ends, passes outermost; shard k covers tokens [k M, (k+1) M)."""
+    for split in SPLITS:
+        segments: list[Segment] = []
+        ends: list[int] = []
+        position = 0
+        for pass_index in range(len(assigned[0]["streams"][split]) if assigned else 0):
+            for result in assigned:
+                tokens = result["streams"][split][pass_index][1]
+                if tokens:
+                    segments.append(Segment(result["part"], pass_index, position))
+                    position += tokens
+                    ends.append(position)
+        starts = np.array([s.start for s in segments], dtype=np.int64)
+        stops = np.array(ends, dtype=np.int64)
+        for k in range(-(-position // max_tokens)):
+            low, high = k * max_tokens, (k + 1) * max_tokens
+            first = int(np.searchsorted(stops, low, side="right"))
+            last = int(np.searchsorted(starts, high, side="left"))
+            yield f"{split}_{k:05d}", split, (low, high), segments[first:last]
 
 
-def _write_shards(
-    parts: list[Part],
-    data: DataConfig,
-    work: Path,
-    output: Path,
-    tokenizer_info: dict[str, Any],
-    near_drop: np.ndarray,
-    progress: StageProgress,
-) -> tuple[list[dict], dict[str, int]]:
-    dtype = np.dtype(tokenizer_info["dtype"]).type
-    writers = {
-        split: SplitWriter(output, work / "shards", split, dtype, data.shards.max_tokens)
-        for split in SPLITS
-    }
-    weights: Counter[str] = Counter()
-    task = progress.stage("write shards", total=len(parts), unit="tokens")
+def _span_fixups(
+    parts: list[Part], clean: list[dict]
+) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], str]]:
+    """For spans of files read in pieces: the lines of the file before each span, and, after
+    the last span of a file in which no span found a record, that file (it is empty)."""
+    offsets: dict[tuple[int, int], int] = {}
+    empty: dict[tuple[int, int], str] = {}
+    lines: Counter[str] = Counter()
+    records: Counter[str] = Counter()
     for part in parts:
-        meta, tokens = load_tokens(work, part, np.dtype(dtype))
-        ids, lengths, hashes = meta["ids"], meta["lengths"], meta["hash64"]
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        keep = ~np.isin(ids, near_drop)
-        copies = copies_of(hashes, data.inputs[part.input_index].weight)
-        valid = split_of(hashes, data.shards.validation_fraction)
-        written = 0
-        for index in np.flatnonzero(keep):
-            if copies[index] == 0:
-                weights["filtered"] += 1
+        for index, (piece, read) in enumerate(
+            zip(part.pieces, clean[part.index]["spans"], strict=False)
+        ):
+            if piece.span is None:
                 continue
-            weights["kept"] += 1
-            weights["extra_copies"] += int(copies[index]) - 1
-            document = tokens[starts[index] : ends[index]]
-            writer = writers["valid" if valid[index] else "train"]
-            for _ in range(int(copies[index])):
-                writer.add(document)
-                written += len(document)
-        progress.advance(task, 1, written)
-    for writer in writers.values():
-        writer.close()
-    shards = [vars(info) for split in SPLITS for info in writers[split].shards]
-    return shards, dict(weights)
-
-
-def _write_quarantine(parts: list[Part], work: Path, output: Path) -> None:
-    chunks = [(work / "clean" / f"{p.name}.quarantine.jsonl").read_text() for p in parts]
-    atomic.write_text(output / "quarantine.jsonl", "".join(chunks))
+            offsets[(part.index, index)] = lines[piece.file]
+            lines[piece.file] += read["lines"]
+            records[piece.file] += read["records"]
+            if piece.span[1] is None and records[piece.file] == 0:
+                empty[(part.index, index)] = piece.file
+    return {key: value for key, value in offsets.items() if value}, empty

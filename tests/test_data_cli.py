@@ -55,9 +55,11 @@ def output_bytes(output: Path) -> dict[str, bytes]:
 
 
 def manifest_without_timings(output: Path) -> dict:
-    """The manifest less what may differ between two runs: timings and the output path."""
+    """The manifest less what may differ between two runs: timings, the Ray it ran on, and the
+    output path."""
     manifest = json.loads((output / "manifest.json").read_text())
     manifest.pop("timings_s")
+    manifest.pop("execution")
     manifest["config"]["data"].pop("path")
     return manifest
 
@@ -136,28 +138,39 @@ def kill_when(command: list[str], marker: Path, timeout: float = 300) -> None:
         process.wait()
 
 
-# Kill points: inside the read stage, after exact dedup, after the tokenizer, inside the
-# tokenisation stage, inside the shard stage.
+# Kill points, one inside every stage: read, exact dedup, the tokenizer's sample, the
+# tokenizer, tokenisation, near dedup's band, pair, connected-components and final tasks,
+# assignment, shards.
 KILL_POINTS = [
     ".work/clean/part_000002.json",
-    ".work/exact/drop.npy",
+    ".work/exact/drop_00001.json",
+    ".work/sample/part_000003.json",
     "tokenizer.json",
     ".work/tokens/part_000003.json",
+    ".work/near/band_00002.json",
+    ".work/near/pairs_00001.json",
+    ".work/near/cc_002_00000.json",
+    ".work/near/drop_00003.json",
+    ".work/assign/part_000004.json",
     ".work/shards/train_00001.json",
 ]
 
 
-def test_resume_after_sigkill_gives_identical_bytes(corpus_config, reference, tmp_path):
+def test_resume_after_sigkill_in_every_stage_gives_identical_bytes(
+    corpus_config, reference, tmp_path
+):
+    assert not (reference / ".work").exists()  # removed after success
     output = tmp_path / "killed"
     command = prepare_command(corpus_config, output, "--no-progress")
     for point in KILL_POINTS:
         kill_when(command, output / point)
         assert not (output / "manifest.json").exists()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([*command, "--keep-work"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert output_bytes(output) == output_bytes(reference)
     assert manifest_without_timings(output) == manifest_without_timings(reference)
     assert not list(output.rglob("*.tmp*"))
+    assert (output / ".work" / "near").is_dir()  # kept when asked
 
 
 def test_against_a_ray_head_started_on_loopback(corpus_config, reference, tmp_path):
@@ -171,7 +184,7 @@ def test_against_a_ray_head_started_on_loopback(corpus_config, reference, tmp_pa
             "--head",
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
-            "--num-cpus=2",
+            "--num-cpus=1",  # the reference ran on 2 CPUs: the bytes must not change
             "--include-dashboard=false",
             "--disable-usage-stats",
         ],
@@ -197,3 +210,61 @@ def test_against_a_ray_head_started_on_loopback(corpus_config, reference, tmp_pa
         assert len(IndexedDataset(str(output / manifest["shards"][0]["name"]))) > 0
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_a_two_node_ray_cluster_writes_what_one_node_writes(corpus_config, reference, tmp_path):
+    """A head and a worker node (two raylets, one CPU each) started with Ray's own
+    `cluster_utils`; the pipeline runs against the head's address on both nodes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        output = tmp_path / "two-nodes"
+        result = subprocess.run(
+            prepare_command(corpus_config, output, "--ray-address", cluster.address),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    assert output_bytes(output) == output_bytes(reference)
+    assert manifest_without_timings(output) == manifest_without_timings(reference)
+    execution = json.loads((output / "manifest.json").read_text())["execution"]
+    assert execution["ray_nodes"] == 2 and execution["nodes_used"] == 2
+
+
+@contextlib.contextmanager
+def recorded_cluster(address: str):
+    """/tmp/ray/ray_current_cluster naming `address`, as a `ray start` long gone leaves it."""
+    record = Path("/tmp/ray/ray_current_cluster")
+    saved = record.read_bytes() if record.exists() else None
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(address)
+    try:
+        yield
+    finally:
+        if saved is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_bytes(saved)
+
+
+def test_a_stale_recorded_cluster_neither_hangs_nor_is_used(tmp_path):
+    _, _, texts = distinct_documents(seed=5, count=30)
+    write_jsonl(tmp_path / "c.jsonl", texts)
+    config = tmp_path / "data.yaml"
+    tree = {"data": {"inputs": [str(tmp_path / "c.jsonl")]}, "tokenizer": {"vocab_size": 512}}
+    config.write_text(yaml.safe_dump(tree))
+    with recorded_cluster(f"127.0.0.1:{free_port()}"):
+        local = run_kiln(*prepare_command(config, tmp_path / "out")[1:], timeout=300)
+        assert local.returncode == 0, local.stderr[-2000:]  # Kiln started its own Ray
+        auto = run_kiln(*prepare_command(config, tmp_path / "auto", "--ray-address", "auto")[1:])
+    assert auto.returncode == 2
+    lines = auto.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ray_current_cluster" in lines[0] and "Traceback" not in lines[0]

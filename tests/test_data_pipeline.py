@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -22,7 +24,7 @@ from tests.corpus import distinct_documents, near_copy, write_jsonl
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
 
@@ -114,17 +116,27 @@ def test_validation_split_is_stable_when_the_corpus_grows(planted, tmp_path):
     assert before and before <= after  # every earlier validation document is still one
 
 
-def test_two_runs_write_identical_bytes(planted, tmp_path):
-    manifest = run(planted["cfg"], tmp_path / "again")
-    for shard in planted["manifest"]["shards"]:
-        for suffix in (".bin", ".idx"):
-            name = shard["name"] + suffix
-            assert (tmp_path / "again" / name).read_bytes() == (
-                planted["output"] / name
-            ).read_bytes()
-    for name in ("tokenizer.json", "quarantine.jsonl"):
-        assert (tmp_path / "again" / name).read_bytes() == (planted["output"] / name).read_bytes()
-    assert {**manifest, "timings_s": None} == {**planted["manifest"], "timings_s": None}
+def without_run_details(manifest: dict) -> dict:
+    """The manifest less what describes the run rather than the data."""
+    return {**manifest, "timings_s": None, "execution": None}
+
+
+def test_two_runs_write_identical_bytes_and_work_is_removed_unless_kept(planted, tmp_path):
+    assert not (planted["output"] / ".work").exists()  # removed after a successful run
+    manifest = run(planted["cfg"], tmp_path / "again", keep_work=True)
+    assert (tmp_path / "again" / ".work" / "tokens").is_dir()
+    assert same_outputs(tmp_path / "again", planted["output"])
+    assert without_run_details(manifest) == without_run_details(planted["manifest"])
+
+
+def same_outputs(a: Path, b: Path) -> bool:
+    """The same shards, tokenizer and quarantine, byte for byte."""
+    names = sorted(p.name for p in a.iterdir() if p.suffix in (".bin", ".idx"))
+    assert names == sorted(p.name for p in b.iterdir() if p.suffix in (".bin", ".idx"))
+    return all(
+        (a / name).read_bytes() == (b / name).read_bytes()
+        for name in [*names, "tokenizer.json", "quarantine.jsonl"]
+    )
 
 
 def test_a_finished_output_is_not_redone_and_a_foreign_one_is_refused(planted, tmp_path):
@@ -166,6 +178,16 @@ def test_weights_and_limits(tmp_path):
     assert [t for t in texts[100:] if t in everything] == texts[100:107]
     weights_step = next(s for s in manifest["steps"] if s["step"] == "weights")
     assert weights_step == {"step": "weights", "removed": dropped, "extra_copies": 40}
+    # A second copy goes in a second pass over the corpus order, never beside its original.
+    for split, stream in written.items():
+        doubled = [i for i, t in enumerate(stream) if t in texts[:40]]
+        firsts = {}
+        for i in doubled:
+            firsts.setdefault(stream[i], i)
+        seconds = [i for i in doubled if firsts[stream[i]] != i]
+        assert len(seconds) == len(firsts), split
+        assert min(seconds, default=len(stream)) > max(firsts.values(), default=-1), split
+        assert all(a != b for a, b in zip(stream, stream[1:], strict=False))
 
 
 def test_every_kind_of_bad_input_is_quarantined_and_counted(tmp_path):
@@ -269,8 +291,7 @@ def test_documents_longer_than_a_piece_round_trip(tmp_path):
 
 
 def test_tokenizer_sample_split_and_weights_are_independent_choices():
-    from data_pipeline.shards import copies_of, in_tokenizer_sample, split_of
-    from data_pipeline.stages import hash_pairs
+    from data_pipeline.selection import copies_of, hash_pairs, in_tokenizer_sample, split_of
     from data_pipeline.steps.dedup import text_hash
 
     pairs = hash_pairs([text_hash(f"document {i}") for i in range(20_000)])
@@ -283,3 +304,39 @@ def test_tokenizer_sample_split_and_weights_are_independent_choices():
     assert 0.07 < sampled[valid].mean() < 0.13
     assert 0.07 < extra[valid].mean() < 0.13
     assert 0.07 < extra[sampled].mean() < 0.13
+
+
+def test_output_does_not_depend_on_part_size_or_on_splitting_large_files(tmp_path):
+    """One run reads every file whole (one part); another cuts the large JSON Lines file, a
+    file of blank lines and a Parquet file into spans of many parts. Shards, tokenizer,
+    quarantine (with file-wide line numbers) and counts are the same."""
+    rng, words, texts = distinct_documents(seed=17, count=160)
+    corpus = tmp_path / "corpus"
+    lines = [json.dumps({"text": t}) for t in texts[:100]]
+    for position, bad in [(3, "{not json"), (40, json.dumps({"body": 1})), (77, "[1, 2]")]:
+        lines.insert(position, bad)
+    lines += [
+        json.dumps({"text": texts[5]}),
+        json.dumps({"text": near_copy(rng, texts[9], words, 0.02)}),
+    ]
+    corpus.mkdir()
+    (corpus / "a_big.jsonl").write_text("\n".join(lines) + "\n")
+    (corpus / "b_blank.jsonl").write_text("\n \n\t\n" * 20_000)  # an empty file, 100 kB
+    strings = [t if i % 9 else None for i, t in enumerate(texts[100:150])]
+    pq.write_table(pa.table({"text": strings}), corpus / "c_rows.parquet", row_group_size=7)
+    write_jsonl(corpus / "d_small.jsonl", texts[150:] + [texts[120]])
+    manifests = {}
+    for name, part_size in (("whole", 50.0), ("spans", 0.02)):
+        cfg = config([str(corpus)], part_size_mb=part_size)
+        manifests[name] = run(cfg, tmp_path / name)
+    assert same_outputs(tmp_path / "whole", tmp_path / "spans")
+    whole, spans = manifests["whole"], manifests["spans"]
+    for key in ("counts", "shards", "steps", "tokenizer", "inputs"):
+        assert whole[key] == spans[key], key
+    quarantine = [json.loads(x) for x in (tmp_path / "spans" / "quarantine.jsonl").open()]
+    big = [(q["location"], q["reason"][:12]) for q in quarantine if "a_big" in q["source"]]
+    assert [location for location, _ in big] == ["line 4", "line 41", "line 78"]
+    blank = [q for q in quarantine if "b_blank" in q["source"]]
+    assert [(q["location"], q["reason"]) for q in blank] == [("file", "empty file")]
+    assert whole["counts"]["malformed"] == 3 + 1 + 6  # bad lines, the empty file, null rows
+    assert whole["counts"]["exact_duplicates"] == 2 and whole["counts"]["near_duplicates"] == 1

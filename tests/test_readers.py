@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,9 +22,13 @@ import zstandard
 from data_pipeline.config import InputConfig
 from data_pipeline.readers import (
     InputError,
+    ReadStats,
+    Span,
     expand_input,
     infer_format,
+    parquet_row_group_sizes,
     read_records,
+    splittable,
     stdlib_corpus_files,
 )
 from data_pipeline.records import Document, Malformed, Record
@@ -535,3 +540,96 @@ def test_parquet_bad_rows(tmp_path: Path) -> None:
         ("row 0", "column 'text' is a number, not a string"),
         ("row 1", "column 'text' is a number, not a string"),
     ]
+
+
+# --- spans: a large file read in pieces gives what reading it whole gives
+
+
+def read_in_spans(file: Path, cuts: list[int], **spec: object) -> list[tuple[str, str, str]]:
+    """Records of `file` read span by span, line numbers made file-wide from each span's line
+    count, and "empty file" added when no span held a record, as `data_pipeline` does."""
+    config = InputConfig(path=str(file), **spec)
+    spans = [Span(a, b) for a, b in zip(cuts, [*cuts[1:], None], strict=True)]
+    found, offset, records = [], 0, 0
+    for span in spans:
+        stats = ReadStats()
+        for record in read_records(str(file), config, span, stats):
+            location = record.location
+            if location.startswith("line "):
+                location = f"line {int(location[5:]) + offset}"
+            found.append((type(record).__name__, location, _content(record)))
+        offset, records = offset + stats.lines, records + stats.records
+    if records == 0:
+        found.append(("Malformed", "file", "empty file"))
+    return found
+
+
+def _content(record: Record) -> str:
+    return record.text if isinstance(record, Document) else record.reason
+
+
+def read_whole(file: Path, **spec: object) -> list[tuple[str, str, str]]:
+    return [(type(r).__name__, r.location, _content(r)) for r in read(file, **spec)]
+
+
+@pytest.mark.parametrize("text_mode", ["jsonl", "line"])
+def test_spans_of_a_line_file_give_its_records(tmp_path: Path, text_mode: str) -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(150):
+        lines = []
+        for i in range(int(rng.integers(0, 25))):
+            kind = rng.random()
+            if kind < 0.1:
+                lines.append("")  # blank
+            elif kind < 0.15:
+                lines.append("   ")
+            elif kind < 0.2 and text_mode == "jsonl":
+                lines.append("{not json")
+            else:
+                text = "w" * int(rng.integers(1, 60)) + f" {i}"
+                lines.append(json.dumps({"text": text}) if text_mode == "jsonl" else text)
+        data = "\n".join(lines) + ("\n" if rng.random() < 0.5 else "")
+        if rng.random() < 0.2:
+            data = data.replace("\n", "\r\n")
+        if rng.random() < 0.2:
+            data = "\ufeff" + data
+        name = f"t{trial}.jsonl" if text_mode == "jsonl" else f"t{trial}.txt"
+        file = write(tmp_path / name, data.encode())
+        spec = {} if text_mode == "jsonl" else {"text_mode": "line"}
+        size = file.stat().st_size
+        cuts = sorted({0, *rng.integers(1, max(size, 2), int(rng.integers(1, 8))).tolist()})
+        assert read_in_spans(file, cuts, **spec) == read_whole(file, **spec), (trial, cuts)
+
+
+def test_a_line_longer_than_a_span_belongs_to_the_span_it_starts_in(tmp_path: Path) -> None:
+    texts = ["short", "x" * 5000, "after"]
+    file = write(tmp_path / "a.jsonl", jsonl(texts))
+    cuts = [0, 30, 1000, 2000, 3000]  # the long line spans four cuts
+    assert read_in_spans(file, cuts) == read_whole(file)
+    stats = ReadStats()
+    assert list(read_records(str(file), InputConfig(path=str(file)), Span(1000, 2000), stats)) == []
+    assert stats.records == 0
+
+
+def test_parquet_row_group_spans(tmp_path: Path) -> None:
+    strings = [f"row {i}" if i % 7 else None for i in range(100)]
+    file = parquet(tmp_path / "a.parquet", {"text": strings}, row_group_size=10)
+    groups = parquet_row_group_sizes(str(file))
+    assert len(groups) == 10 and all(size > 0 for size in groups)
+    whole = read_whole(file)
+    assert read_in_spans(file, [0, 3, 4, 9]) == whole
+    other = parquet(tmp_path / "b.parquet", {"body": strings}, row_group_size=10)
+    # a file-wide problem is told once, by the span that starts the file
+    assert read_in_spans(other, [0, 5]) == [
+        ("Malformed", "file", "no column 'text'; the columns are 'body'")
+    ]
+
+
+def test_what_can_be_read_in_spans() -> None:
+    spec = InputConfig(path="x")
+    assert splittable("a.jsonl", spec) == "bytes"
+    assert splittable("a.parquet", spec) == "row_groups"
+    assert splittable("a.jsonl.gz", spec) is None  # a gzip stream cannot be entered midway
+    assert splittable("a.jsonl.zst", spec) is None
+    assert splittable("a.txt", spec) is None  # one document per file
+    assert splittable("a.txt", InputConfig(path="x", text_mode="line")) == "bytes"

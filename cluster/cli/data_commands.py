@@ -39,6 +39,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="Replace data prepared earlier in DIR with another configuration.",
     )
+    prepare.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="Keep DIR/.work (the stages' intermediate files) after a successful run.",
+    )
     prepare.add_argument("--no-progress", action="store_true", help="No live progress display.")
     prepare.set_defaults(handler=_prepare)
 
@@ -55,9 +60,10 @@ def _prepare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from data_pipeline.atomic import write_text
+    from data_pipeline.errors import PrepareError
     from data_pipeline.inspect import summary_tables
     from data_pipeline.readers import InputError
-    from data_pipeline.runner import PrepareError, prepare
+    from data_pipeline.runner import prepare
     from data_pipeline.tokenizer import TokenizerError
 
     overrides = list(args.overrides)
@@ -78,6 +84,7 @@ def _prepare(args: argparse.Namespace) -> int:
             ray_address=args.ray_address,
             overwrite=args.overwrite,
             show_progress=not args.no_progress and sys.stderr.isatty(),
+            keep_work=args.keep_work,
         )
     except (InputError, PrepareError, TokenizerError) as error:
         print(f"kiln: {error}", file=sys.stderr)

@@ -1,0 +1,48 @@
+"""The work of each pipeline stage on one part or one bucket; `data_pipeline.runner` runs these
+as Ray tasks. Every task writes its results under the work directory with atomic renames and a
+small JSON of counts last, so a task whose JSON exists is complete and is not redone on resume.
+Tasks get what they work on (a part, a bucket number, configuration sections) as arguments and
+read only their own inputs: no task loads the plan or a list covering the whole corpus.
+
+    clean/part_N.parquet            id, text, hash of the documents kept by normalise + filters
+    clean/part_N.exact.npy          (hash, id) of those documents, by exact-dedup bucket
+    clean/part_N.quarantine.jsonl   malformed records (line numbers relative to their span)
+    clean/part_N.json               counts: in, malformed, filtered by rule, kept, spans read
+    exact/drop_B.npy                sorted ids of the exact duplicates whose hash is in bucket B
+    sample/part_N.parquet           the part's share of the tokenizer's training sample
+    tokens/part_N.tokens            token ids of the part's documents (EOS after each), raw
+    tokens/part_N.npz               ids, lengths, hash64 of those documents
+    tokens/part_N.sigs.npy          MinHash signatures, a row per document
+    tokens/part_N.bands.npy         (band key, id) LSH entries, by near-dedup bucket
+    near/band_B.npy                 candidate pairs of band bucket B, verified, by pair bucket
+    near/cc_RRR_B.npy               edges of connected-components round R, by node bucket
+    near/drop_B.npy                 sorted ids of the near duplicates found in bucket B
+    assign/part_N.npz               per document: copies written (0: dropped) and split
+    shards/NAME.json                a finished shard's counts and checksums
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..plan import Part
+
+
+class WorkDir:
+    """Paths inside OUTPUT/.work."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def part_file(self, stage: str, part: Part | int, suffix: str) -> Path:
+        index = part if isinstance(part, int) else part.index
+        return self.root / stage / f"part_{index:06d}{suffix}"
+
+    def bucket_file(self, stage: str, name: str, bucket: int, suffix: str = ".npy") -> Path:
+        return self.root / stage / f"{name}_{bucket:05d}{suffix}"
+
+    def file(self, stage: str, name: str) -> Path:
+        return self.root / stage / name
+
+
+STAGE_DIRS = ("clean", "exact", "sample", "tokens", "near", "assign", "shards")
