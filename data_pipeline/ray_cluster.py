@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -184,19 +185,17 @@ def explain(error: BaseException) -> str:
     """One line on what went wrong in Ray."""
     import ray
 
-    if isinstance(error, ray.exceptions.RayTaskError):
-        cause = error.cause
-        if isinstance(cause, ImportError) and "data_pipeline" in str(cause):
-            return (
-                f"a worker on {error.ip} cannot import Kiln ({first_line(cause)}): install Kiln, "
-                "the same version, on every node of the Ray cluster"
-            )
-        return f"a {error.function_name} task on {error.ip} failed: {first_line(cause)}"
-    if isinstance(error, ray.exceptions.RaySystemError) and "data_pipeline" in str(error):
+    if _cannot_import_kiln(error):
+        where = getattr(error, "ip", None)
+        on = f" on {where}" if isinstance(where, str) and where else ""
         return (
-            f"a worker cannot import Kiln ({first_line(error)}): install Kiln, the same version, "
-            "on every node of the Ray cluster"
+            f"a worker{on} cannot import Kiln ({_import_problem(error)}): install Kiln, the same "
+            "version, on every node of the Ray cluster"
         )
+    if isinstance(error, ray.exceptions.RayTaskError):
+        task = getattr(error, "function_name", None) or "Ray"
+        where = getattr(error, "ip", None) or "a node"
+        return f"a {task} task on {where} failed: {first_line(error.cause)}"
     kinds = {
         ray.exceptions.ActorDiedError: "a Ray actor died",
         ray.exceptions.WorkerCrashedError: "a Ray worker process died",
@@ -209,6 +208,17 @@ def explain(error: BaseException) -> str:
         if isinstance(error, kind):
             return f"{what}: {first_line(error)}"
     return f"Ray: {first_line(error)}"
+
+
+def _cannot_import_kiln(error: BaseException) -> bool:
+    """A worker failed to import Kiln's modules (the task's function could not be loaded)."""
+    text = str(error)
+    return "No module named 'data_pipeline'" in text or "No module named 'pretrain'" in text
+
+
+def _import_problem(error: BaseException) -> str:
+    found = re.search(r"No module named '[^']+'", str(error))
+    return found.group(0) if found else first_line(error)
 
 
 def user_error(error: BaseException) -> BaseException | None:

@@ -268,3 +268,32 @@ def test_a_stale_recorded_cluster_neither_hangs_nor_is_used(tmp_path):
     assert auto.returncode == 2
     lines = auto.stderr.strip().splitlines()
     assert len(lines) == 1 and "ray_current_cluster" in lines[0] and "Traceback" not in lines[0]
+
+
+def test_a_node_without_kiln_is_named_in_one_line(corpus_config, tmp_path):
+    """The worker node's Python finds a `data_pipeline` that cannot be imported (shadowing the
+    installed one, as on a node where Kiln is missing): the probe names the node."""
+    from ray.cluster_utils import Cluster
+
+    shadow = tmp_path / "shadow" / "data_pipeline"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'data_pipeline'\", name='data_pipeline')\n"
+    )
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
+    try:
+        cluster.add_node(num_cpus=1, env_vars={"PYTHONPATH": str(shadow.parent)})
+        cluster.wait_for_nodes()
+        command = prepare_command(corpus_config, tmp_path / "out", "--ray-address", cluster.address)
+        # Not from the repository: a worker's first import path is the driver's directory.
+        result = run_kiln(*command[1:], cwd=tmp_path, timeout=300)
+    finally:
+        cluster.shutdown()
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot import Kiln" in lines[0], lines
+    assert not (tmp_path / "out" / ".work" / "clean").exists() or not any(
+        (tmp_path / "out" / ".work" / "clean").iterdir()
+    )  # named before any work

@@ -4,9 +4,11 @@ of the near-dedup shuffle)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -43,10 +45,8 @@ def tokenize_part(
         return atomic.read_json(done)
     os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the Rust pool is first used
     started = time.perf_counter()
-    encoder = DocumentEncoder(
-        load_tokenizer(work.root.parent / "tokenizer.json", tokenizer.eos_token),
-        tokenizer.eos_token,
-        data.tokenize.max_piece_chars,
+    encoder = _encoder(
+        work.root.parent / "tokenizer.json", tokenizer.eos_token, data.tokenize.max_piece_chars
     )
     near = data.dedup.near
     minhasher = MinHasher(near) if near.enabled else None
@@ -86,6 +86,21 @@ def tokenize_part(
     }
     atomic.write_json(done, stats)
     return stats
+
+
+def _encoder(path: Path, eos_token: str, max_piece_chars: int) -> DocumentEncoder:
+    """The document encoder of `path`, loaded once per worker process: a Ray worker runs many
+    tasks, and loading a large vocabulary costs a tenth of a second or more each time. The file's
+    size and modification time are part of the key, so a rewritten tokenizer is loaded anew."""
+    stat = path.stat()
+    return _cached_encoder(str(path), stat.st_size, stat.st_mtime_ns, eos_token, max_piece_chars)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_encoder(
+    path: str, size: int, mtime_ns: int, eos_token: str, max_piece_chars: int
+) -> DocumentEncoder:
+    return DocumentEncoder(load_tokenizer(path, eos_token), eos_token, max_piece_chars)
 
 
 def _batches(
