@@ -79,36 +79,74 @@ class NormalizeConfig(ConfigSection):
     )
 
 
+STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
+
+
 class FilterConfig(ConfigSection):
     """Document filters. Each threshold is one rule, named by its key in the manifest's counts;
-    `null` switches that rule off. Defaults are Gopher's (Rae et al. 2021) for web text."""
+    `null` switches that rule off. Defaults are Gopher's (Rae et al. 2021, appendix A) for web
+    text. A *word* is a run of non-whitespace characters; a *line* (*paragraph*) one holding a
+    non-whitespace character, between newlines (blank lines); fractions "of the text" are over
+    its characters, `len(text)`. Rules are tried step by step, a document leaving at its first
+    failure: length, Gopher quality, stop words, Gopher repetition."""
 
     enabled: bool = True
-    min_chars: NonNegativeInt | None = None
-    max_chars: PositiveInt | None = None
-    min_words: NonNegativeInt | None = 50
-    max_words: PositiveInt | None = 100_000
-    min_mean_word_length: NonNegativeFloat | None = 3.0
-    max_mean_word_length: PositiveFloat | None = 10.0
+    min_chars: NonNegativeInt | None = Field(default=None, description="characters, at least")
+    max_chars: PositiveInt | None = Field(default=None, description="characters, at most")
+    min_words: NonNegativeInt | None = Field(default=50, description="words, at least")
+    max_words: PositiveInt | None = Field(default=100_000, description="words, at most")
+    min_mean_word_length: NonNegativeFloat | None = Field(
+        default=3.0,
+        description="mean characters per word, punctuation and symbols not counted (words "
+        "made only of them left out), at least",
+    )
+    max_mean_word_length: PositiveFloat | None = Field(
+        default=10.0, description="the same mean, at most"
+    )
     max_symbol_word_ratio: NonNegativeFloat | None = Field(
-        default=0.1, description="('#' + '...' / '…') per word"
+        default=0.1, description="('#' + '...' + '…') per word, at most"
     )
-    max_bullet_lines_ratio: Fraction | None = 0.9
-    max_ellipsis_lines_ratio: Fraction | None = 0.3
+    max_bullet_lines_ratio: Fraction | None = Field(
+        default=0.9, description="share of lines starting with a bullet (•, -, *, ...), at most"
+    )
+    max_ellipsis_lines_ratio: Fraction | None = Field(
+        default=0.3, description="share of lines ending with '...' or '…', at most"
+    )
     min_alpha_words_ratio: Fraction | None = Field(
-        default=0.8, description="words holding at least one letter"
+        default=0.8, description="share of words holding at least one letter, at least"
     )
-    max_duplicate_line_fraction: Fraction | None = 0.3
-    max_duplicate_paragraph_fraction: Fraction | None = 0.3
-    max_duplicate_line_char_fraction: Fraction | None = 0.2
-    max_duplicate_paragraph_char_fraction: Fraction | None = 0.2
+    min_stop_words: NonNegativeInt | None = Field(
+        default=2,
+        description="occurrences of the stop words (exact, punctuation around a word ignored), "
+        "at least",
+    )
+    stop_words: list[str] = Field(
+        default_factory=lambda: list(STOP_WORDS),
+        description="the words `min_stop_words` counts (Gopher's English list by default)",
+    )
+    max_duplicate_paragraph_fraction: Fraction | None = Field(
+        default=0.3, description="share of paragraphs equal to an earlier one, at most"
+    )
+    max_duplicate_paragraph_char_fraction: Fraction | None = Field(
+        default=0.2, description="characters of those repeated paragraphs, share of the text"
+    )
+    max_duplicate_line_fraction: Fraction | None = Field(
+        default=0.3, description="share of lines equal to an earlier one, at most"
+    )
+    max_duplicate_line_char_fraction: Fraction | None = Field(
+        default=0.2, description="characters of those repeated lines, share of the text"
+    )
     max_top_ngram_char_fraction: dict[NgramSize, Fraction] | None = Field(
         default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
-        description="n -> largest share of characters covered by the most frequent word n-gram",
+        description="n -> of the word n-grams occurring at least twice, the most frequent one's "
+        "characters (single spaces between its words) times its count, share of the text; "
+        "0 when no n-gram repeats",
     )
     max_duplicate_ngram_char_fraction: dict[NgramSize, Fraction] | None = Field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
-        description="n -> largest share of characters inside word n-grams seen more than once",
+        description="n -> characters of the word n-grams that repeat an earlier one (found "
+        "scanning from the start, a repeat skipped whole; first occurrences not counted), "
+        "share of the text",
     )
 
     def active_rules(self) -> dict[str, object]:
@@ -118,7 +156,7 @@ class FilterConfig(ConfigSection):
         return {
             name: value
             for name, value in self.model_dump().items()
-            if name != "enabled" and value is not None
+            if name not in ("enabled", "stop_words") and value is not None
         }
 
 
@@ -187,6 +225,11 @@ class DataConfig(ConfigSection):
     )
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
+    removed_sample: NonNegativeInt = Field(
+        default=100,
+        description="Documents kept in OUTPUT/removed/RULE.jsonl for each filter rule and each "
+        "dedup kind (with the document a duplicate repeats), chosen by hash; 0: none.",
+    )
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)

@@ -3,6 +3,7 @@ of document lengths."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,40 @@ def summary_tables(manifest: dict[str, Any]) -> list[Table]:
         f"tokenizer: {tokenizer['source']}, {tokenizer['vocab_size']:,} entries, "
         f"sha256 {tokenizer['sha256'][:12]}"
     )
-    return [documents, shards, timings]
+    removed = removed_table(manifest)
+    return [documents, shards, timings, *([removed] if removed else [])]
+
+
+def removed_table(manifest: dict[str, Any]) -> Table | None:
+    """The removed-document sample: for each rule or dedup kind, its file and how many."""
+    sample = manifest.get("removed_sample") or {}
+    if not sample:
+        return None
+    table = Table(title="Removed documents, sampled (kiln data inspect DIR --removed KIND)")
+    table.add_column("kind")
+    table.add_column("file")
+    table.add_column("documents", justify="right")
+    for file, count in sample.items():
+        table.add_row(Path(file).stem, file, f"{count:,}")
+    return table
+
+
+def removed_documents(directory: Path, kind: str, count: int) -> list[dict[str, Any]]:
+    """The first `count` documents of the removed sample of `kind` (a rule name,
+    `exact_duplicates` or `near_duplicates`)."""
+    path = Path(directory) / "removed" / f"{kind}.jsonl"
+    if not path.is_file():
+        known = sorted(p.stem for p in (Path(directory) / "removed").glob("*.jsonl"))
+        raise NotPreparedError(
+            f"{path}: no removed sample of {kind!r} (there are: {', '.join(known) or 'none'})"
+        )
+    rows = []
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            rows.append(json.loads(line))
+            if len(rows) == count:
+                break
+    return rows
 
 
 def sample_documents(directory: Path, manifest: dict[str, Any], count: int) -> list[str]:

@@ -33,28 +33,30 @@ def build_manifest(
     exact_removed: int,
     tokenized: list[dict],
     near: dict[str, int],
-    assigned: list[dict],
     shards: list[dict],
+    removed: dict[str, int],
     tokenizer: dict[str, Any],
     timings: dict[str, float],
     throughput: dict[str, dict[str, Any]],
     execution: dict[str, Any],
 ) -> dict[str, Any]:
     """The manifest from every stage's per-part (or per-bucket) counts."""
-    filtered: Counter[str] = Counter()
-    for part in clean:
-        filtered.update(part["filtered"])
-    weight_filtered = sum(a["weight_filtered"] for a in assigned)
-    if weight_filtered:
-        filtered[WEIGHT_RULE] += weight_filtered
     read = sum(c["in"] for c in clean)
     malformed = sum(c["malformed"] for c in clean)
     after_filters = sum(c["kept"] for c in clean)
-    tokenized_documents = sum(t["documents"] for t in tokenized)
-    near_removed = sum(a["near_removed"] for a in assigned)
+    near_removed = sum(t["near_removed"] for t in tokenized)
+    weight_filtered = sum(t["weight_filtered"] for t in tokenized)
+    if exact_removed != sum(t["exact_removed"] for t in tokenized):
+        raise CountMismatch("the exact-dedup buckets and the parts disagree on what was dropped")
+    cleaning = _cleaning_steps(clean)
+    filtered: Counter[str] = Counter()
+    for step in cleaning:
+        filtered.update(step["removed"])
+    if weight_filtered:
+        filtered[WEIGHT_RULE] += weight_filtered
     counts = {
         "in": read,
-        "kept": sum(a["kept"] for a in assigned),
+        "kept": sum(t["documents"] for t in tokenized),
         "filtered": dict(sorted(filtered.items())),
         "exact_duplicates": exact_removed,
         "near_duplicates": near_removed,
@@ -62,32 +64,27 @@ def build_manifest(
     }
     steps = [
         {"step": "read", "documents": read, "malformed": malformed},
-        {"step": "normalize", "changed": sum(c["normalized_changed"] for c in clean)},
-        {
-            "step": "filter",
-            "in": read - malformed,
-            "kept": after_filters,
-            "filtered": dict(
-                sorted(Counter({k: v for k, v in filtered.items() if k != WEIGHT_RULE}).items())
-            ),
-        },
+        *cleaning,
         {"step": "exact_dedup", "in": after_filters, "removed": exact_removed},
         {
-            "step": "tokenize",
-            "documents": tokenized_documents,
-            "tokens": sum(t["tokens"] for t in tokenized),
-        },
-        {
             "step": "near_dedup",
-            "in": tokenized_documents,
+            "in": after_filters - exact_removed,
             "candidate_pairs": near["candidate_pairs"],
             "similar_pairs": near["similar_pairs"],
+            "components_rounds": near["rounds"],
             "removed": near_removed,
         },
         {
             "step": "weights",
             "removed": weight_filtered,
-            "extra_copies": sum(a["extra_copies"] for a in assigned),
+            "extra_copies": sum(t["extra_copies"] for t in tokenized),
+        },
+        {
+            "step": "tokenize",
+            "documents": counts["kept"],
+            "tokens": sum(t["tokens"] for t in tokenized),
+            # pieces cut where no token-neutral place was found within the stretch
+            "forced_cuts": sum(t.get("forced_cuts", 0) for t in tokenized),
         },
         {
             "step": "shards",
@@ -109,11 +106,28 @@ def build_manifest(
         "tokenizer": tokenizer,
         "shards": shards,
         "steps": steps,
+        "removed_sample": {f"removed/{kind}.jsonl": count for kind, count in removed.items()},
         "inputs": _inputs(config, plan.parts, clean),
         "timings_s": timings,
         "execution": {**execution, "throughput": throughput},
         "config": config,
     }
+
+
+def _cleaning_steps(clean: list[dict]) -> list[dict[str, Any]]:
+    """Every cleaning step's counts, summed over the parts, in the steps' order."""
+    totals: dict[str, dict[str, Any]] = {}
+    for part in clean:
+        for step in part["steps"]:
+            total = totals.setdefault(step["step"], {"step": step["step"], "removed": Counter()})
+            for key, value in step.items():
+                if key == "removed":
+                    total["removed"].update(value)
+                elif key != "step":
+                    total[key] = total.get(key, 0) + value
+    return [
+        {**total, "removed": dict(sorted(total["removed"].items()))} for total in totals.values()
+    ]
 
 
 def _inputs(config: dict[str, Any], parts: list[Part], clean: list[dict]) -> list[dict]:

@@ -186,16 +186,19 @@ def explain(error: BaseException) -> str:
     import ray
 
     if _cannot_import_kiln(error):
-        where = getattr(error, "ip", None)
-        on = f" on {where}" if isinstance(where, str) and where else ""
+        found = re.search(r"ip=([^)\s,]+)", str(error))
+        on = f" on {found.group(1)}" if found else ""
         return (
             f"a worker{on} cannot import Kiln ({_import_problem(error)}): install Kiln, the same "
             "version, on every node of the Ray cluster"
         )
     if isinstance(error, ray.exceptions.RayTaskError):
-        task = getattr(error, "function_name", None) or "Ray"
-        where = getattr(error, "ip", None) or "a node"
-        return f"a {task} task on {where} failed: {first_line(error.cause)}"
+        # The error Ray raises is also an instance of the cause's class and keeps the task's
+        # name and node only in its text: "ray::clean_part() (pid=..., ip=...)".
+        found = re.search(r"ray::(\w+)\(\) \(pid=\d+, ip=([^)\s]+)\)", str(error))
+        task, where = found.groups() if found else ("Ray", "a node")
+        cause = error.cause
+        return f"a {task} task on {where} failed: {type(cause).__name__}: {first_line(cause)}"
     kinds = {
         ray.exceptions.ActorDiedError: "a Ray actor died",
         ray.exceptions.WorkerCrashedError: "a Ray worker process died",

@@ -1,12 +1,12 @@
 """`kiln data prepare`: run the stages as Ray tasks, resumably, and write shards plus a manifest.
 
-    read + normalise + filter   a task per part                 clean/    (+ exact-dedup map)
-    exact dedup                 a task per hash bucket          exact/
+    read + clean steps          a task per part        clean/  (+ both dedup shuffles' map side)
+    exact dedup                 a task per hash bucket                             exact/
+    near dedup (beside exact)   band, pair and connected-components tasks per bucket  near/
     tokenizer                   a task per part picks its sample, trained here; or loaded
-    tokenise + MinHash          a task per part                 tokens/   (+ near-dedup map)
-    near dedup                  band, pair and connected-components tasks per bucket  near/
-    assign                      a task per part: copies and split of each document   assign/
+    tokenise                    a task per part: the survivors, their copies and split  tokens/
     shards                      a task per shard: a fixed range of a split's token stream
+    removed sample              a tree of tasks keeping the best candidates per kind
     quarantine, manifest        counts that reconcile, shard checksums, timings
 
 The driver holds the plan (per-part metadata) and each task's small result, never texts, tokens,
@@ -48,15 +48,21 @@ from .ray_cluster import (
 )
 from .selection import SPLITS, passes
 from .stages import STAGE_DIRS, WorkDir
-from .stages.assign import assign_part
 from .stages.clean import clean_part
 from .stages.exact import exact_duplicates
 from .stages.near import connected_components, near_band_task, near_finalize, near_pair_task
 from .stages.quarantine import write_quarantine
+from .stages.removed import FAN_IN, merge_candidates, part_candidates, write_removed
 from .stages.sample import sample_part, sample_texts
 from .stages.shards import Segment, write_shard
 from .stages.tokenize import tokenize_part
-from .tokenizer import file_sha256, load_tokenizer, save_tokenizer, train_tokenizer
+from .tokenizer import (
+    file_sha256,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+    write_tokenizer_config,
+)
 
 __all__ = ["PrepareError", "prepare", "use_ray_token_auth_if_available"]
 
@@ -195,13 +201,16 @@ class PrepareJob:
         save_plan(self.work.root, self.data, self.tokenizer_cfg, self.plan)
         with StageProgress(self.show_progress) as self.progress:
             clean = self.clean()
-            exact = self.exact_dedup()
+            line_offsets, empty_files = _span_fixups(self.parts, clean)
+            with ThreadPoolExecutor(max_workers=1) as beside:
+                exact_running = beside.submit(self.exact_dedup)  # both read only clean/
+                near = self.near_dedup()
+                exact = exact_running.result()
             tokenizer = self.train_or_load_tokenizer(clean)
             tokenized = self.tokenize(clean)
-            near = self.near_dedup()
-            assigned = self.assign()
-            shards = self.write_shards(assigned, tokenizer["dtype"])
-            clean = self.write_quarantine(clean)
+            shards = self.write_shards(tokenized, tokenizer["dtype"])
+            removed = self.write_removed_sample(line_offsets)
+            clean = self.write_quarantine(clean, line_offsets, empty_files)
         manifest = build_manifest(
             config=resolved_config,
             fingerprint=key,
@@ -210,8 +219,8 @@ class PrepareJob:
             exact_removed=sum(r["removed"] for r in exact),
             tokenized=tokenized,
             near=near,
-            assigned=assigned,
             shards=shards,
+            removed=removed,
             tokenizer=tokenizer,
             timings=self.timings,
             throughput=self.throughput,
@@ -283,7 +292,8 @@ class PrepareJob:
             "read_clean_filter", "read, clean, filter", len(self.parts), "documents"
         ) as meter:
             calls = [
-                (p, self.data, str(self.work.root), self.plan.exact_buckets) for p in self.parts
+                (p, self.data, str(self.work.root), self.plan.exact_buckets, self.plan.near_buckets)
+                for p in self.parts
             ]
             results = self._per_part("clean", clean_part, calls, meter, "in")
         return [results[p.index] for p in self.parts]
@@ -319,6 +329,7 @@ class PrepareJob:
                             p,
                             str(self.work.root),
                             self.exact_buckets,
+                            self.near_buckets,
                             share,
                             self.data.tokenize.max_piece_chars,
                         )
@@ -328,6 +339,7 @@ class PrepareJob:
                     tokenizer = train_tokenizer(sample_texts(self.work, self.parts), cfg)
                 save_tokenizer(tokenizer, target)
         tokenizer = load_tokenizer(target, cfg.eos_token)
+        write_tokenizer_config(self.output, tokenizer, cfg.eos_token)
         vocab = tokenizer.get_vocab_size()
         return {
             "file": target.name,
@@ -353,7 +365,8 @@ class PrepareJob:
                     self.tokenizer_cfg,
                     str(self.work.root),
                     self.exact_buckets,
-                    self.plan.near_buckets,
+                    self.near_buckets,
+                    passes(self.data),
                     threads,
                 )
                 for p in self.parts
@@ -418,25 +431,8 @@ class PrepareJob:
         done = [self.work.bucket_file("near", name, call[2], ".json") for call in calls]
         self._map(function, calls, done, on_result)
 
-    def assign(self) -> list[dict]:
-        count = passes(self.data)
-        with self._stage("assign", "assign", len(self.parts), "documents") as meter:
-            calls = [
-                (
-                    p,
-                    self.data.inputs[p.input_index].weight,
-                    self.data.shards.validation_fraction,
-                    count,
-                    str(self.work.root),
-                    self.near_buckets,
-                )
-                for p in self.parts
-            ]
-            results = self._per_part("assign", assign_part, calls, meter, "kept")
-        return [results[p.index] for p in self.parts]
-
-    def write_shards(self, assigned: list[dict], dtype: str) -> list[dict]:
-        jobs = list(_shard_jobs(assigned, self.data.shards.max_tokens))
+    def write_shards(self, tokenized: list[dict], dtype: str) -> list[dict]:
+        jobs = list(_shard_jobs(tokenized, self.data.shards.max_tokens))
         shards: dict[str, dict] = {}
         with self._stage("shards", "write shards", len(jobs), "tokens") as meter:
 
@@ -452,10 +448,48 @@ class PrepareJob:
             self._map(write_shard, calls, done, collect)
         return [shards[name] for name, *_ in jobs if shards[name]["documents"]]
 
-    def write_quarantine(self, clean: list[dict]) -> list[dict]:
+    def write_removed_sample(self, line_offsets: dict[tuple[int, int], int]) -> dict[str, int]:
+        """Merge the parts' candidates in a tree of tasks (at most `FAN_IN` files each), then
+        write OUTPUT/removed/KIND.jsonl from the last level."""
+        limit = self.data.removed_sample
+        if not limit:
+            return {}
+        inputs = [str(f) for p in self.parts for f in part_candidates(self.work, p.index)]
+        level = 0
+        with self._stage("removed_sample", "removed sample", 1, "candidates") as meter:
+            while len(inputs) > 1 or level == 0:
+                groups = [inputs[i : i + FAN_IN] for i in range(0, len(inputs), FAN_IN)]
+                outputs = [
+                    str(self.work.file("removed", f"level{level:02d}_{i:06d}.parquet"))
+                    for i in range(len(groups))
+                ]
+                meter.extend(len(groups))
+                done = [Path(output + ".json") for output in outputs]
+                self._map(
+                    merge_candidates,
+                    [(group, out, limit) for group, out in zip(groups, outputs, strict=True)],
+                    done,
+                    lambda result: meter.advance(1, result["rows"]),
+                )
+                inputs, level = outputs, level + 1
+            written: dict[str, int] = {}
+            run_tasks(
+                write_removed,
+                [(str(self.work.root), str(self.output), inputs[0], line_offsets)],
+                written.update,
+                window=1,
+            )
+            meter.advance(1)
+        return dict(sorted(written.items()))
+
+    def write_quarantine(
+        self,
+        clean: list[dict],
+        line_offsets: dict[tuple[int, int], int],
+        empty_files: dict[tuple[int, int], str],
+    ) -> list[dict]:
         """Join the quarantines; return the clean counts with the empty files found across
         spans counted as malformed."""
-        offsets, empty_files = _span_fixups(self.parts, clean)
         clean = [dict(c) for c in clean]
         for part, _ in empty_files:
             clean[part]["in"] += 1
@@ -464,7 +498,7 @@ class PrepareJob:
         with self._stage("quarantine", "quarantine", 1, "records") as meter:
             run_tasks(
                 write_quarantine,
-                [(str(self.work.root), str(self.output), spans, offsets, empty_files)],
+                [(str(self.work.root), str(self.output), spans, line_offsets, empty_files)],
                 lambda written: meter.advance(1, written),
                 window=1,
             )
@@ -472,7 +506,7 @@ class PrepareJob:
 
 
 def _shard_jobs(
-    assigned: list[dict], max_tokens: int
+    tokenized: list[dict], max_tokens: int
 ) -> Iterator[tuple[str, str, tuple[int, int], list[Segment]]]:
     """(name, split, token range, segments) of every shard: segment (part, pass) of a split
     starts where the one before ends, passes outermost; shard k covers tokens [k M, (k+1) M)."""
@@ -480,8 +514,8 @@ def _shard_jobs(
         segments: list[Segment] = []
         ends: list[int] = []
         position = 0
-        for pass_index in range(len(assigned[0]["streams"][split]) if assigned else 0):
-            for result in assigned:
+        for pass_index in range(len(tokenized[0]["streams"][split]) if tokenized else 0):
+            for result in tokenized:
                 tokens = result["streams"][split][pass_index][1]
                 if tokens:
                     segments.append(Segment(result["part"], pass_index, position))

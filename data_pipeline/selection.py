@@ -5,7 +5,8 @@ own documents and the answer never changes with how the corpus was cut into part
 
 Each choice reads its own bits of the hash, so the choices are independent: the validation
 split the top 32 bits of the first 8 bytes, the input weight's extra copy their low 32 bits,
-the tokenizer's training sample the second 8 bytes.
+the tokenizer's training sample the second 8 bytes. The removed-document sample ranks documents
+by a mix of the second 8 bytes (it only ever ranks documents the tokenizer's sample leaves out).
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def mix64(values: np.ndarray) -> np.ndarray:
     x *= _MIX2
     x ^= x >> np.uint64(31)
     return x
+
+
+def sample_key(hashes: np.ndarray) -> np.ndarray:
+    """The removed-document sample's rank of each document (smallest first); `hashes` (n, 2)."""
+    return mix64(hashes[:, 1] ^ np.uint64(0x5BD1_E995_D6E8_FEB8))
 
 
 def id_buckets(ids: np.ndarray, buckets: int) -> np.ndarray:

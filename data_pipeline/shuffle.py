@@ -43,21 +43,43 @@ def read_bucket(paths: Iterable[Path], bucket: int, dtype: np.dtype) -> np.ndarr
 
 def sorted_slice(path: Path, low: int, high: int) -> np.ndarray:
     """The values v with low <= v < high of a sorted 1-D `.npy`, found by binary search."""
-    try:
-        values = np.load(path, mmap_mode="r")
-    except ValueError:  # an empty array cannot be memory-mapped
-        values = np.load(path)
-    if values.size == 0:
-        return np.zeros(0, dtype=values.dtype)
-    start, stop = np.searchsorted(values, [low, high])
-    return np.array(values[start:stop])
+    return sorted_rows(path, low, high)[0]
+
+
+def sorted_rows(path: Path, low: int, high: int, *aligned: Path) -> list[np.ndarray]:
+    """The values in [low, high) of a sorted 1-D `.npy`, and the same rows of the `.npy` files
+    `aligned` with it (one value per row of `path`)."""
+    values = _mapped(path)
+    start, stop = np.searchsorted(values, [low, high]) if values.size else (0, 0)
+    return [np.array(values[start:stop]), *(np.array(_mapped(a)[start:stop]) for a in aligned)]
 
 
 def sorted_union(paths: Iterable[Path], low: int, high: int) -> np.ndarray:
     """The sorted union of the values in [low, high) of several sorted id files."""
-    found = [sorted_slice(path, low, high) for path in paths]
-    found = [values for values in found if values.size]
-    return np.sort(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+    return sorted_union_rows([(path,) for path in paths], low, high)[0]
+
+
+def sorted_union_rows(files: Iterable[tuple[Path, ...]], low: int, high: int) -> list[np.ndarray]:
+    """`sorted_rows` of several (sorted file, aligned files...) groups, merged in order."""
+    files = list(files)
+    found = [sorted_rows(path, low, high, *aligned) for path, *aligned in files]
+    found = [rows for rows in found if rows[0].size]
+    if not found:
+        return [np.zeros(0, dtype=np.int64) for _ in range(1 + _width(files))]
+    merged = [np.concatenate(column) for column in zip(*found, strict=True)]
+    order = np.argsort(merged[0], kind="stable")
+    return [column[order] for column in merged]
+
+
+def _width(files: list[tuple[Path, ...]]) -> int:
+    return len(files[0]) - 1 if files else 0
+
+
+def _mapped(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:  # an empty array cannot be memory-mapped
+        return np.load(path)
 
 
 def contains(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:

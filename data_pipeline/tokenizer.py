@@ -3,21 +3,34 @@ encode documents into token ids with an EOS after each, in bounded pieces.
 
 Byte-level BPE (GPT-2's pre-tokenisation, no normaliser, no unknown token) encodes any text,
 and decode(encode(text)) == text for every string. The saved tokenizer.json loads with
-`transformers.PreTrainedTokenizerFast(tokenizer_file=...)`.
+`transformers.PreTrainedTokenizerFast(tokenizer_file=...)`; `write_tokenizer_config` adds what
+`AutoTokenizer` needs to name the EOS.
+
+Long documents are encoded in pieces so that time and memory stay bounded, and the pieces encode
+to exactly the tokens of the whole document (`DocumentEncoder`): a cut goes only where the
+pre-tokeniser splits anyway (between two non-space characters of different kinds, letter,
+number or other, or before a single space between words), and each cut is checked by encoding
+the text around it whole and in two halves. A run with no such place (a long string without
+spaces or changes of kind) stretches its piece until one comes, up to `STRETCH` times the piece
+size; beyond that a cut is forced and counted (`forced_cuts`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from . import atomic
 from .config import TokenizerConfig
 from .format import token_dtype
+
+PAD_TOKEN = "<|pad|>"
 
 
 class TokenizerError(ValueError):
@@ -61,6 +74,23 @@ def save_tokenizer(tokenizer: Tokenizer, path: Path) -> str:
     return digest
 
 
+def write_tokenizer_config(folder: Path, tokenizer: Tokenizer, eos_token: str) -> None:
+    """tokenizer_config.json and special_tokens_map.json beside tokenizer.json, so that
+    `transformers.AutoTokenizer` (and Megatron-LM's HuggingFaceTokenizer, which reads its EOS
+    as the end of a document) load the folder with the EOS, BOS and padding tokens named."""
+    special = {"eos_token": eos_token, "bos_token": eos_token}
+    if tokenizer.token_to_id(PAD_TOKEN) is not None:
+        special["pad_token"] = PAD_TOKEN
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000_000,
+    }
+    atomic.write_json(folder / "special_tokens_map.json", special)
+    atomic.write_json(folder / "tokenizer_config.json", config)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -70,12 +100,10 @@ def file_sha256(path: Path) -> str:
 
 
 def split_pieces(text: str, max_chars: int) -> list[str]:
-    """Cut `text` into pieces of at most `max_chars` characters whose concatenation is `text`.
-
-    A cut goes before a single space that sits between two non-space characters, where byte-level
-    BPE's pre-tokenisation already splits (" word" is its own pre-token), so the pieces encode to
-    the same ids as the whole would; failing that, after a newline; failing that, anywhere.
-    """
+    """Cut `text` into pieces of at most `max_chars` characters whose concatenation is `text`,
+    before a single space between words where possible, else after a newline, else anywhere:
+    bounded memory for the tokenizer's trainer, which only counts words. (Encoding uses
+    `DocumentEncoder`'s token-neutral cuts instead.)"""
     if len(text) <= max_chars:
         return [text]
     pieces, start = [], 0
@@ -101,6 +129,37 @@ def _space_cut(text: str, start: int, end: int) -> int | None:
             return position
 
 
+_SPACE, _LETTER, _NUMBER, _OTHER = range(4)
+
+
+def _kind(char: str) -> int:
+    """A character's kind as GPT-2's pre-tokenising pattern groups them."""
+    if char.isspace():
+        return _SPACE
+    category = unicodedata.category(char)[0]
+    return _LETTER if category == "L" else _NUMBER if category == "N" else _OTHER
+
+
+def _cut_places(text: str, high: int, low: int, step: int) -> Iterator[int]:
+    """Positions c (from `high` towards `low`, by `step` = -1 or 1) where the pre-tokeniser
+    starts a new piece whatever precedes: between two non-space characters of different kinds
+    (not after an apostrophe, which may begin "'s"), or before a single space between two
+    non-space characters (" word")."""
+    for c in range(high, low, step):
+        if c <= 0 or c >= len(text):
+            continue
+        before, after = _kind(text[c - 1]), _kind(text[c])
+        kinds_change = _SPACE not in (before, after) and before != after
+        single_space = (
+            before != _SPACE
+            and text[c] == " "
+            and c + 1 < len(text)
+            and _kind(text[c + 1]) != _SPACE
+        )
+        if (kinds_change and text[c - 1] != "'") or single_space:
+            yield c
+
+
 ENCODE_BATCH_PIECES = 32
 
 
@@ -118,7 +177,12 @@ def _bounded_runs(pieces: list[str], max_chars: int) -> Iterator[tuple[int, int]
 
 
 class DocumentEncoder:
-    """Encode documents to token ids, each followed by the EOS id, in bounded batches/pieces."""
+    """Encode documents to token ids, each followed by the EOS id, in bounded batches and in
+    pieces that encode to exactly the whole document's tokens (see the module's docstring)."""
+
+    CHECK_CHARS = 256  # context encoded on each side of a cut to check it
+    CANDIDATES = 16  # cut places checked before looking further
+    STRETCH = 64  # a piece grows to this many times max_piece_chars to reach a clean cut
 
     def __init__(self, tokenizer: Tokenizer, eos_token: str, max_piece_chars: int) -> None:
         eos = tokenizer.token_to_id(eos_token)
@@ -131,13 +195,51 @@ class DocumentEncoder:
         self.eos_id = eos
         self.max_piece_chars = max_piece_chars
         self.dtype = token_dtype(tokenizer.get_vocab_size())
+        self.forced_cuts = 0  # cuts made where no checked place was found
+
+    def pieces(self, text: str) -> list[str]:
+        """`text` cut into pieces of about `max_piece_chars` at checked, token-neutral places."""
+        limit = self.max_piece_chars
+        pieces, start = [], 0
+        while len(text) - start > limit:
+            end = start + limit
+            farthest = min(len(text), start + self.STRETCH * limit)
+            cut = self._neutral_cut(text, end, start + limit // 2, -1)
+            if cut is None:
+                cut = self._neutral_cut(text, end, farthest, 1)
+            if cut is None:
+                cut = farthest
+                self.forced_cuts += cut < len(text)
+            if cut >= len(text):
+                break
+            pieces.append(text[start:cut])
+            start = cut
+        pieces.append(text[start:])
+        return pieces
+
+    def _neutral_cut(self, text: str, high: int, low: int, step: int) -> int | None:
+        for checked, cut in enumerate(_cut_places(text, high, low, step)):
+            if checked == self.CANDIDATES:
+                return None
+            if self._splits_cleanly(text, cut):
+                return cut
+        return None
+
+    def _splits_cleanly(self, text: str, cut: int) -> bool:
+        """Whether the text around `cut` encodes to the same ids whole and in two halves."""
+        left = text[max(0, cut - self.CHECK_CHARS) : cut]
+        right = text[cut : cut + self.CHECK_CHARS]
+        whole, first, second = self.tokenizer.encode_batch_fast(
+            [left + right, left, right], add_special_tokens=False
+        )
+        return whole.ids == first.ids + second.ids
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each text, EOS appended, as arrays of the shard dtype."""
         pieces: list[str] = []
         owners: list[int] = []
         for index, text in enumerate(texts):
-            parts = split_pieces(text, self.max_piece_chars)
+            parts = self.pieces(text)
             pieces.extend(parts)
             owners.extend([index] * len(parts))
         per_doc: list[list[np.ndarray]] = [[] for _ in texts]

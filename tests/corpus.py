@@ -10,12 +10,17 @@ from pathlib import Path
 import numpy as np
 
 
+# English function words first, so that the Zipf weights make them the most frequent, as in
+# prose (Gopher's stop-word rule wants at least two of them).
+FUNCTION_WORDS = ["the", "of", "and", "to", "in", "that", "with", "be", "have", "for"]
+
+
 def vocabulary(rng: np.random.Generator, size: int = 4000) -> list[str]:
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     words = set()
-    while len(words) < size:
+    while len(words) < size - len(FUNCTION_WORDS):
         words.add("".join(rng.choice(letters, size=int(rng.integers(2, 10)))))
-    return sorted(words)
+    return FUNCTION_WORDS + sorted(words - set(FUNCTION_WORDS))
 
 
 def document(rng: np.random.Generator, words: list[str], n_words: int) -> str:

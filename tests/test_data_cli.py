@@ -20,7 +20,7 @@ from tests.conftest import kiln_executable, run_kiln
 from tests.corpus import distinct_documents, near_copy, write_jsonl
 from tests.distributed import free_port
 
-OUTPUTS = ("tokenizer.json", "quarantine.jsonl")
+OUTPUTS = ("tokenizer.json", "tokenizer_config.json", "quarantine.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def corpus_config(tmp_path_factory) -> Path:
     rng, words, texts = distinct_documents(seed=21, count=400)
     for i in range(8):
         chunk = texts[i * 50 : (i + 1) * 50]
-        extra = [texts[i * 3], near_copy(rng, texts[i * 5], words, 0.02)] if i else []
+        extra = [texts[i * 3], near_copy(rng, texts[i * 5], words, 0.01)] if i else []
         write_jsonl(root / "corpus" / f"part{i}.jsonl", chunk + extra)
     config = {
         "data": {
@@ -50,8 +50,10 @@ def prepare_command(config: Path, output: Path, *extra: str) -> list[str]:
 
 
 def output_bytes(output: Path) -> dict[str, bytes]:
+    """Every file the data is: shards, tokenizer files, quarantine, removed sample."""
     names = sorted(p.name for p in output.iterdir() if p.suffix in (".bin", ".idx"))
-    return {name: (output / name).read_bytes() for name in [*names, *OUTPUTS]}
+    removed = sorted(f"removed/{p.name}" for p in (output / "removed").glob("*.jsonl"))
+    return {name: (output / name).read_bytes() for name in [*names, *OUTPUTS, *removed]}
 
 
 def manifest_without_timings(output: Path) -> dict:
@@ -138,21 +140,20 @@ def kill_when(command: list[str], marker: Path, timeout: float = 300) -> None:
         process.wait()
 
 
-# Kill points, one inside every stage: read, exact dedup, the tokenizer's sample, the
-# tokenizer, tokenisation, near dedup's band, pair, connected-components and final tasks,
-# assignment, shards.
+# Kill points, one inside every stage: read and clean; near dedup's band, pair,
+# connected-components and final tasks (exact dedup runs beside them); the tokenizer's sample,
+# the tokenizer; tokenisation; shards; the removed sample's merge.
 KILL_POINTS = [
     ".work/clean/part_000002.json",
-    ".work/exact/drop_00001.json",
-    ".work/sample/part_000003.json",
-    "tokenizer.json",
-    ".work/tokens/part_000003.json",
     ".work/near/band_00002.json",
     ".work/near/pairs_00001.json",
     ".work/near/cc_002_00000.json",
     ".work/near/drop_00003.json",
-    ".work/assign/part_000004.json",
+    ".work/sample/part_000003.json",
+    "tokenizer.json",
+    ".work/tokens/part_000003.json",
     ".work/shards/train_00001.json",
+    ".work/removed/level00_000000.parquet.json",
 ]
 
 
@@ -165,6 +166,7 @@ def test_resume_after_sigkill_in_every_stage_gives_identical_bytes(
     for point in KILL_POINTS:
         kill_when(command, output / point)
         assert not (output / "manifest.json").exists()
+    assert (output / ".work" / "exact" / "drop_00001.json").exists()  # ran beside near dedup
     result = subprocess.run([*command, "--keep-work"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert output_bytes(output) == output_bytes(reference)

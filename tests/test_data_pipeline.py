@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,10 @@ import pytest
 import ray
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from data_pipeline.config import STOP_WORDS
 from data_pipeline.format import ShardReader
 from data_pipeline.runner import PrepareError, prepare
+from data_pipeline.steps.quality import QualityFilter
 from data_pipeline.tokenizer import file_sha256, load_tokenizer
 from pretrain.config import validate_tree
 from tests.corpus import distinct_documents, near_copy, write_jsonl
@@ -68,7 +71,7 @@ def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     rng, words, texts = distinct_documents(seed=7, count=200)
     exact = [texts[i] for i in range(0, 100, 10)]
-    near = [near_copy(rng, texts[i], words, 0.02) for i in range(5, 105, 10)]
+    near = [near_copy(rng, texts[i], words, 0.01) for i in range(5, 105, 10)]
     write_jsonl(root / "corpus" / "a.jsonl", texts[:120])
     write_jsonl(root / "corpus" / "b.jsonl.gz", texts[120:] + exact + near, compress=True)
     cfg = config([str(root / "corpus")])
@@ -130,12 +133,14 @@ def test_two_runs_write_identical_bytes_and_work_is_removed_unless_kept(planted,
 
 
 def same_outputs(a: Path, b: Path) -> bool:
-    """The same shards, tokenizer and quarantine, byte for byte."""
+    """The same shards, tokenizer files, quarantine and removed sample, byte for byte."""
     names = sorted(p.name for p in a.iterdir() if p.suffix in (".bin", ".idx"))
     assert names == sorted(p.name for p in b.iterdir() if p.suffix in (".bin", ".idx"))
+    removed = sorted(f"removed/{p.name}" for p in (a / "removed").glob("*.jsonl"))
+    assert removed == sorted(f"removed/{p.name}" for p in (b / "removed").glob("*.jsonl"))
+    fixed = ["tokenizer.json", "tokenizer_config.json", "quarantine.jsonl"]
     return all(
-        (a / name).read_bytes() == (b / name).read_bytes()
-        for name in [*names, "tokenizer.json", "quarantine.jsonl"]
+        (a / name).read_bytes() == (b / name).read_bytes() for name in [*names, *fixed, *removed]
     )
 
 
@@ -317,7 +322,7 @@ def test_output_does_not_depend_on_part_size_or_on_splitting_large_files(tmp_pat
         lines.insert(position, bad)
     lines += [
         json.dumps({"text": texts[5]}),
-        json.dumps({"text": near_copy(rng, texts[9], words, 0.02)}),
+        json.dumps({"text": near_copy(rng, texts[9], words, 0.01)}),
     ]
     corpus.mkdir()
     (corpus / "a_big.jsonl").write_text("\n".join(lines) + "\n")
@@ -340,3 +345,87 @@ def test_output_does_not_depend_on_part_size_or_on_splitting_large_files(tmp_pat
     assert [(q["location"], q["reason"]) for q in blank] == [("file", "empty file")]
     assert whole["counts"]["malformed"] == 3 + 1 + 6  # bad lines, the empty file, null rows
     assert whole["counts"]["exact_duplicates"] == 2 and whole["counts"]["near_duplicates"] == 1
+
+
+def rewrapped(text: str, width: int, indent: str = "") -> str:
+    """The same words, wrapped at another width and indented: only whitespace changes."""
+    return "\n".join(indent + line for line in textwrap.wrap(text, width))
+
+
+def test_near_dedup_sees_words_not_whitespace_or_case(tmp_path):
+    """Re-wrapped, re-indented and re-cased copies share every normalised word 5-gram."""
+    rng, words, texts = distinct_documents(seed=23, count=40)
+    originals = texts[:6]
+    copies = [
+        rewrapped(originals[0], 40),
+        rewrapped(originals[1], 72, indent="    "),
+        " ".join(w.upper() if i % 3 else w for i, w in enumerate(originals[2].split(" "))),
+        originals[3].replace(".", " .").replace("\n\n", "\n \n"),
+        "\t" + originals[4].replace(" ", "  "),
+        rewrapped(originals[5].lower(), 30, indent="\t"),
+    ]
+    write_jsonl(tmp_path / "c" / "1.jsonl", texts)
+    write_jsonl(tmp_path / "c" / "2.jsonl", copies)
+    manifest = run(config([str(tmp_path / "c")]), tmp_path / "out")
+    assert manifest["counts"]["filtered"] == {}
+    assert manifest["counts"]["exact_duplicates"] == 0
+    assert manifest["counts"]["near_duplicates"] == len(copies)
+    written = shard_documents(tmp_path / "out", manifest)
+    assert sorted(written["train"] + written["valid"]) == sorted(texts)
+
+
+def test_removed_samples_hold_what_each_rule_removed(tmp_path):
+    rng, words, texts = distinct_documents(seed=29, count=60)
+    short = [f"only a few words here, number {i}" for i in range(7)]  # min_words
+    no_stop_words = [t.replace(" the ", " x ").replace(" of ", " y ") for t in texts[:5]]
+    no_stop_words = [
+        " ".join(w for w in t.split() if w.strip(".,").lower() not in STOP_WORDS)
+        for t in no_stop_words
+    ]
+    repeated_lines = ["\n".join([t.split("\n")[0]] * 6) for t in texts[5:9]]
+    corpus = (
+        texts[9:]
+        + short
+        + no_stop_words
+        + repeated_lines
+        + texts[20:23]
+        + [near_copy(rng, texts[30], words, 0.01)]
+    )
+    write_jsonl(tmp_path / "c.jsonl", corpus)
+    cfg = config([str(tmp_path / "c.jsonl")], removed_sample=3, part_size_mb=0.02)
+    manifest = run(cfg, tmp_path / "out")
+    counts = manifest["counts"]
+    folder = tmp_path / "out" / "removed"
+    sample = {p.stem: [json.loads(x) for x in p.open()] for p in folder.glob("*.jsonl")}
+    assert set(sample) == {*counts["filtered"], "exact_duplicates", "near_duplicates"}
+    assert manifest["removed_sample"] == {
+        f"removed/{kind}.jsonl": len(rows) for kind, rows in sorted(sample.items())
+    }
+    quality = QualityFilter(cfg.data.filters)
+    removed = {**counts["filtered"], "exact_duplicates": counts["exact_duplicates"]}
+    removed["near_duplicates"] = counts["near_duplicates"]
+    assert removed["exact_duplicates"] == 3 and removed["near_duplicates"] == 1
+    for rule, rows in sample.items():
+        assert len(rows) == min(3, removed[rule]), rule
+        for row in rows:
+            assert row["source"].endswith("c.jsonl") and row["location"].startswith("line ")
+            if rule in counts["filtered"]:
+                assert quality.first_failure(row["text"]) == rule
+    # a duplicate comes with the document it repeats, as kept in the shards
+    for row in sample["exact_duplicates"]:
+        assert row["text"] == row["repeats"]["text"]
+        assert int(row["location"][5:]) > int(row["repeats"]["location"][5:])
+    (near,) = sample["near_duplicates"]
+    assert near["repeats"]["text"] == texts[30] and near["text"] != texts[30]
+    # chosen by hash: another part size picks the same documents
+    again = run(config([str(tmp_path / "c.jsonl")], removed_sample=3), tmp_path / "again")
+    assert again["removed_sample"] == manifest["removed_sample"]
+    for path in folder.glob("*.jsonl"):
+        assert (tmp_path / "again" / "removed" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_the_prepared_folder_loads_in_auto_tokenizer(planted):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(planted["output"]))
+    assert tokenizer.eos_token_id == planted["manifest"]["tokenizer"]["eos_id"]

@@ -1,5 +1,6 @@
 """Quality filters: each rule on its own, their order, switches, hand-computed n-gram
-fractions, agreement with a slow pure-Python reference, and determinism across processes."""
+fractions, agreement with a slow pure-Python reference written after datatrove's Gopher filters,
+the steps' own counts, and determinism across processes."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from data_pipeline.steps.quality import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-RULES = [name for name in FilterConfig.model_fields if name != "enabled"]
+RULES = [name for name in FilterConfig.model_fields if name not in ("enabled", "stop_words")]
 NGRAM_RULES = ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction")
 
 PROSE = (
@@ -51,20 +52,25 @@ def only(**rules: object) -> QualityFilter:
 
 def test_rule_order_is_the_documented_one_and_covers_every_rule() -> None:
     assert RULE_ORDER == (
+        # length
         "min_chars",
         "max_chars",
         "min_words",
         "max_words",
+        # Gopher quality, in datatrove's order
         "min_mean_word_length",
         "max_mean_word_length",
         "max_symbol_word_ratio",
-        "min_alpha_words_ratio",
         "max_bullet_lines_ratio",
         "max_ellipsis_lines_ratio",
-        "max_duplicate_line_fraction",
-        "max_duplicate_line_char_fraction",
+        "min_alpha_words_ratio",
+        # stop words
+        "min_stop_words",
+        # Gopher repetition, in datatrove's order
         "max_duplicate_paragraph_fraction",
         "max_duplicate_paragraph_char_fraction",
+        "max_duplicate_line_fraction",
+        "max_duplicate_line_char_fraction",
         "max_top_ngram_char_fraction",
         "max_duplicate_ngram_char_fraction",
     )
@@ -95,11 +101,13 @@ CASES = [
     ("max_duplicate_paragraph_fraction", 0.3, "p1\n\np2\n\np1", "p1\n\np2\n\np3\n\np1"),
     ("max_duplicate_paragraph_fraction", 0.3, "p1\n \t\np1 x\n\np1 x", "p1\np1 x\np1 x"),
     ("max_duplicate_paragraph_char_fraction", 0.2, "ab\n\nc\n\nab", "ab\n\ncd\n\nab"),
-    # 2-gram "ab cd" twice: 8 characters of 14, then of 16
-    ("max_top_ngram_char_fraction", {2: 0.5}, "ab cd ab cd ef gh ij", "ab cd ab cd ef gh ij kl"),
-    ("max_top_ngram_char_fraction", {1: 0.9, 3: 0.5}, "a b c a b c", "a b c a b c d e f g h i"),
-    # 3-gram "a b c" twice: 6 characters of 10, then of 12
-    (DUPLICATE_NGRAMS, {3: 0.5}, " ".join("abcxabcyzw"), " ".join("abcxabcyzwqs")),
+    # the 2-gram "ab cd" (5 characters with its space) twice: 10 of 20 characters, then of 23
+    ("max_top_ngram_char_fraction", {2: 0.45}, "ab cd ab cd ef gh ij", "ab cd ab cd ef gh ij kl"),
+    ("max_top_ngram_char_fraction", {1: 0.4, 3: 0.5}, "a b c a b c", "a b c a b c d e f g h i"),
+    # the 3-gram "a b c" found again twice, 3 characters each (no spaces): 6 of 17, then 3 of 13
+    (DUPLICATE_NGRAMS, {3: 0.3}, "a b c a b c a b c", "a b c x a b c"),
+    # "the" at least twice, punctuation around a word ignored, case kept
+    ("min_stop_words", 2, "The cat sat on the mat", "The cat sat on (the) mat, with glee"),
 ]  # fmt: skip
 
 
@@ -115,15 +123,54 @@ def test_each_rule_alone(rule: str, threshold: object, failing: str, passing: st
 def test_prose_passes_the_defaults_and_its_repetition_does_not() -> None:
     quality = QualityFilter(FilterConfig())
     assert quality.first_failure(PROSE) is None
+    assert quality.first_failure("\n\n".join([PROSE] * 3)) == "max_duplicate_paragraph_fraction"
     assert quality.first_failure("\n".join([PROSE] * 3)) == "max_duplicate_line_fraction"
     assert quality.first_failure(PROSE[:200]) == "min_words"
     assert quality.first_failure(PROSE.replace(" ", " # ")) == "max_symbol_word_ratio"
+    telegram = " ".join(
+        ["Committee met Tuesday morning, weighed library proposal."] * 2
+        + [
+            "Members worried about heating costs; others argued children needed reading rooms.",
+            "After careful debate, chair called vote: motion passed narrowly.",
+            "Construction begins next spring once architects revise drawings.",
+            "Budget approval remains pending. Residents celebrated anyway, cheering loudly.",
+        ]
+    )  # fifty-odd words, no stop word
+    assert quality.first_failure(telegram) == "min_stop_words"
+    assert quality.first_failure(telegram + " The end of the story.") is None  # "The" is not "the"
     words = PROSE.split()
     repeated = " ".join(words[:20] * 5)  # one line: caught by the n-gram rules
     assert quality.first_failure(repeated) == "max_top_ngram_char_fraction"
     assert QualityFilter(FilterConfig(max_top_ngram_char_fraction=None)).first_failure(
         repeated
     ) == ("max_duplicate_ngram_char_fraction")
+
+
+def test_a_document_without_repeated_ngrams_passes_the_top_ngram_rule() -> None:
+    """Gopher's rule is about the most frequent repeated n-gram: with none, it scores 0 even
+    where one n-gram is a large share of a short text."""
+    text = "internationalization localization"  # one 2-gram, all 33 characters
+    assert top_ngram_char_fraction(text, 2) == 0.0
+    assert only(max_top_ngram_char_fraction={2: 0.2}).first_failure(text) is None
+    twice = "internationalization localization internationalization localization"
+    assert top_ngram_char_fraction(twice, 2) == pytest.approx(2 * 33 / 67)
+
+
+def test_steps_count_what_they_removed() -> None:
+    quality = QualityFilter(FilterConfig())
+    texts = [PROSE, PROSE[:200], PROSE.replace(" ", " # "), "\n\n".join([PROSE] * 3)]
+    assert quality.check_batch(texts) == [
+        None,
+        "min_words",
+        "max_symbol_word_ratio",
+        "max_duplicate_paragraph_fraction",
+    ]
+    reports = {report["step"]: report for report in quality.reports()}
+    assert reports["length"] == {"step": "length", "in": 4, "removed": {"min_words": 1}}
+    assert reports["gopher_quality"]["in"] == 3
+    assert reports["gopher_quality"]["removed"] == {"max_symbol_word_ratio": 1}
+    assert reports["stop_words"] == {"step": "stop_words", "in": 2, "removed": {}}
+    assert reports["gopher_repetition"]["removed"] == {"max_duplicate_paragraph_fraction": 1}
 
 
 def test_first_failing_rule_in_order_is_reported() -> None:
@@ -163,47 +210,57 @@ def test_documents_without_words() -> None:
 
 
 @pytest.mark.parametrize(
-    ("words", "n", "top", "duplicate"),
+    ("text", "n", "top", "duplicate"),
     [
-        ("the cat the cat sat", 2, 12 / 15, 12 / 15),
-        ("the cat the cat sat", 3, 9 / 15, 0.0),
-        ("the cat the cat sat", 1, 6 / 15, 12 / 15),
-        # equally frequent 2-grams "a bb" (3 chars) and "ccc d" (4): the longer one counts
-        ("a bb a bb ccc d ccc d", 2, 8 / 14, 1.0),
-        # overlapping occurrences: "a a" three times covers 6 > 4 characters
-        ("a a a a", 2, 6 / 4, 1.0),
-        ("a b a b a", 3, 6 / 5, 1.0),
-        ("a b c a b d", 2, 4 / 6, 4 / 6),
-        # nothing repeats: the longest single 2-gram ("c def")
-        ("ab c def", 2, 4 / 6, 0.0),
+        # "the cat" (7 characters with its space) twice in 19; the scan finds "thecat" again
+        ("the cat the cat sat", 2, 14 / 19, 6 / 19),
+        ("the cat the cat sat", 3, 0.0, 0.0),
+        # 1-grams: "the" and "cat" twice each, "the" first; "the" and "cat" found again
+        ("the cat the cat sat", 1, 6 / 19, 6 / 19),
+        # equally frequent 2-grams "a bb" and "ccc d": the first to occur counts
+        ("a bb a bb ccc d ccc d", 2, 8 / 21, 7 / 21),
+        # overlapping occurrences all count for the top n-gram; the scan skips a repeat whole
+        ("a a a a", 2, 9 / 7, 2 / 7),
+        ("a b a b a", 3, 10 / 9, 3 / 9),
+        ("a b c a b d", 2, 6 / 11, 2 / 11),
+        # nothing repeats: 0 for both
+        ("ab c def", 2, 0.0, 0.0),
         ("ab c", 3, 0.0, 0.0),
         ("", 2, 0.0, 0.0),
-        ("caf\u00e9 \u65e5\u672c caf\u00e9 \u65e5\u672c x", 2, 12 / 13, 12 / 13),
+        # the denominator is the whole text, whitespace included
+        ("caf\u00e9 \u65e5\u672c\n\ncaf\u00e9 \u65e5\u672c x", 2, 14 / 18, 6 / 18),
     ],
 )
-def test_ngram_fractions_by_hand(words: str, n: int, top: float, duplicate: float) -> None:
-    assert top_ngram_char_fraction(words.split(), n) == pytest.approx(top)
-    assert duplicate_ngram_char_fraction(words.split(), n) == pytest.approx(duplicate)
+def test_ngram_fractions_by_hand(text: str, n: int, top: float, duplicate: float) -> None:
+    assert top_ngram_char_fraction(text, n) == pytest.approx(top)
+    assert duplicate_ngram_char_fraction(text, n) == pytest.approx(duplicate)
 
 
-def reference_top(words: list[str], n: int) -> float:
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    total = sum(map(len, words))
-    if not grams or not total:
+def reference_top(text: str, n: int) -> float:
+    """datatrove's find_top_duplicate over n-grams joined by spaces, counted only when the
+    most frequent occurs at least twice (Gopher's rule is about a repeated n-gram)."""
+    words = text.split()
+    grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+    if not grams or not text:
         return 0.0
-    most = max(grams.values())
-    return most * max(len("".join(g)) for g, c in grams.items() if c == most) / total
+    gram, count = grams.most_common(1)[0]
+    return len(gram) * count / len(text) if count > 1 else 0.0
 
 
-def reference_duplicate(words: list[str], n: int) -> float:
-    starts = range(len(words) - n + 1)
-    grams = Counter(tuple(words[i : i + n]) for i in starts)
-    covered = set()
-    for i in starts:
-        if grams[tuple(words[i : i + n])] > 1:
-            covered.update(range(i, i + n))
-    total = sum(map(len, words))
-    return sum(len(words[i]) for i in covered) / total if total else 0.0
+def reference_duplicate(text: str, n: int) -> float:
+    """datatrove's find_all_duplicate (n-grams as tuples of words rather than joined strings,
+    which can confuse "ab c" with "a bc"), over the text's characters."""
+    words = text.split()
+    seen, repeated, index = set(), 0, 0
+    while index < len(words) - n + 1:
+        gram = tuple(words[index : index + n])
+        if gram in seen:
+            repeated += sum(map(len, gram))
+            index += n
+        else:
+            seen.add(gram)
+            index += 1
+    return repeated / len(text) if text else 0.0
 
 
 def random_words(rng: random.Random) -> list[str]:
@@ -216,13 +273,14 @@ def test_ngram_fractions_agree_with_the_reference() -> None:
     rng = random.Random(7)
     for _ in range(300):
         words = random_words(rng)
-        index = NgramIndex.of_words(words)  # sizes one after another: built from the last
+        text = "".join(w + rng.choice([" ", "  ", "\n", "\t"]) for w in words)
+        index = NgramIndex.of_text(text)  # sizes one after another: built from the last
         for n in range(1, 8):
-            top, duplicate = reference_top(words, n), reference_duplicate(words, n)
-            assert top_ngram_char_fraction(words, n) == pytest.approx(top), (words, n)
-            assert duplicate_ngram_char_fraction(words, n) == pytest.approx(duplicate)
-            assert index.top_fractions(n)[0] == pytest.approx(top), (words, n)
-            assert index.duplicate_fractions(n)[0] == pytest.approx(duplicate), (words, n)
+            top, duplicate = reference_top(text, n), reference_duplicate(text, n)
+            assert top_ngram_char_fraction(text, n) == pytest.approx(top), (text, n)
+            assert duplicate_ngram_char_fraction(text, n) == pytest.approx(duplicate)
+            assert index.top_fractions(n)[0] == pytest.approx(top), (text, n)
+            assert index.duplicate_fractions(n)[0] == pytest.approx(duplicate), (text, n)
 
 
 def reference_measures(text: str) -> dict[str, float]:
@@ -266,9 +324,25 @@ def reference_measures(text: str) -> dict[str, float]:
     }
 
 
+def reference_stop_words(text: str, stop_words: list[str]) -> int:
+    """Words equal to a stop word once punctuation and symbols at their ends are removed."""
+
+    def is_punctuation(char: str) -> bool:
+        return unicodedata.category(char)[0] in "PS"
+
+    count = 0
+    for word in text.split():
+        while word and is_punctuation(word[0]):
+            word = word[1:]
+        while word and is_punctuation(word[-1]):
+            word = word[:-1]
+        count += word in stop_words
+    return count
+
+
 def reference_first_failure(text: str, cfg: FilterConfig) -> str | None:
     measures = reference_measures(text)
-    words = text.split()
+    measures["stop_words"] = reference_stop_words(text, cfg.stop_words)
     assert set(cfg.active_rules()) <= set(RULE_ORDER)
     for name in RULE_ORDER:
         threshold = cfg.active_rules().get(name)
@@ -276,7 +350,7 @@ def reference_first_failure(text: str, cfg: FilterConfig) -> str | None:
             continue
         if name in NGRAM_RULES:
             measure = reference_top if name == NGRAM_RULES[0] else reference_duplicate
-            if any(measure(words, n) > threshold[n] for n in sorted(threshold)):
+            if any(measure(text, n) > threshold[n] for n in sorted(threshold)):
                 return name
             continue
         value = measures[name[4:]]
@@ -286,6 +360,7 @@ def reference_first_failure(text: str, cfg: FilterConfig) -> str | None:
 
 
 TOKENS = ["a", "bb", "ccc", "the", "cat", "Hello,", "x1", "12", "\u00e9t\u00e9", "\u65e5\u672c",
+          "The", "(the)", "of,", "and", "--the",
           "#", "...", "\u2026", "wait...", "-", "*", "\u2022", "--", "ab.cd", "\u00b7", "(",
           ")"]  # fmt: skip
 SEPARATORS = [" "] * 8 + ["\n"] * 3 + ["\n\n", "  \n", "\t", "\u00a0", "\n \n", "\u3000"]
@@ -318,6 +393,7 @@ def random_config(rng: random.Random) -> FilterConfig:
         max_mean_word_length=maybe(rng.uniform(1.5, 5)),
         max_symbol_word_ratio=maybe(rng.uniform(0, 0.5)),
         min_alpha_words_ratio=maybe(rng.uniform(0, 1)),
+        min_stop_words=maybe(rng.randint(0, 4)),
         max_bullet_lines_ratio=maybe(rng.uniform(0, 1)),
         max_ellipsis_lines_ratio=maybe(rng.uniform(0, 1)),
         max_duplicate_line_fraction=maybe(rng.uniform(0, 1)),
@@ -369,7 +445,7 @@ vocab = ["alpha", "beta", "gamma", "delta", "#", "x", "yy"]
 texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 200))) for _ in range(200)]
 cfg = FilterConfig(min_words=10, min_alpha_words_ratio=None, max_symbol_word_ratio=None,
                    max_top_ngram_char_fraction={2: 0.3}, max_duplicate_ngram_char_fraction={3: 0.9})
-fractions = [[top_ngram_char_fraction(t.split(), n), duplicate_ngram_char_fraction(t.split(), n)]
+fractions = [[top_ngram_char_fraction(t, n), duplicate_ngram_char_fraction(t, n)]
              for t in texts for n in (1, 2, 5)]
 print(json.dumps([QualityFilter(cfg).check_batch(texts), fractions]))
 """

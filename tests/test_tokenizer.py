@@ -1,8 +1,10 @@
-"""The tokenizer: training determinism, lossless round trip, loading in transformers, and
-bounded encoding of very long documents."""
+"""The tokenizer: training determinism, lossless round trip, loading in transformers and in
+Megatron's HuggingFaceTokenizer with the right EOS, and bounded, token-neutral encoding of very
+long documents."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from data_pipeline.tokenizer import (
     save_tokenizer,
     split_pieces,
     train_tokenizer,
+    write_tokenizer_config,
 )
 
 CONFIG = TokenizerConfig(vocab_size=2048, train_sample_mb=1)
@@ -97,12 +100,70 @@ def test_pieces_are_bounded_and_concatenate_to_the_text(corpus):
     assert split_pieces("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]  # no space: hard cuts
 
 
-def test_cutting_at_spaces_gives_the_same_ids(trained, corpus):
+def long_documents(corpus: list[str]) -> dict[str, str]:
+    rng = random.Random(4)
+    lines = ["x", "pass", "y=1", "return", "foo(bar)", "}", "\tindent", "# note"]
+    code = "".join(
+        "\n" + " " * rng.randint(0, 12) + rng.choice(lines) for _ in range(6000)
+    )  # indented lines, most without a space between words: cut after newlines is not neutral
+    words = ["the", "cat", "sat,", "on", "mat.", "Hello", "world!", "it's", "don't", "(a)"]
+    return {
+        "python sources": "\n\n".join(corpus[:12]),
+        "indented code": code,
+        "prose": " ".join(rng.choice(words) for _ in range(8000)),
+        "runs without spaces": "a" * 5000 + "1" * 3000 + "b" * 2500 + "x y " * 500 + "z" * 9000,
+        "cjk": "".join(
+            rng.choice("日本語の文章です。漢字とかなが混ざる、句読点もある") for _ in range(9000)
+        ),
+        "mixed": "".join(
+            rng.choice(["ab12", "xyz", "99", "--", "..", "ñé", "\t\n", "   ", "'s", "'"])
+            for _ in range(9000)
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind", ["python sources", "indented code", "prose", "runs without spaces", "cjk", "mixed"]
+)
+def test_long_documents_encode_to_the_tokens_of_the_whole(trained, corpus, kind):
     tokenizer = load_tokenizer(trained, "<|endoftext|>")
-    text = " ".join(corpus[5].split())  # prose-like: single spaces between words
-    whole = tokenizer.encode(text).ids
-    pieced = DocumentEncoder(tokenizer, "<|endoftext|>", max_piece_chars=300).encode([text])[0]
-    assert pieced[:-1].tolist() == whole
+    text = long_documents(corpus)[kind]
+    encoder = DocumentEncoder(tokenizer, "<|endoftext|>", max_piece_chars=300)
+    pieces = encoder.pieces(text)
+    assert "".join(pieces) == text and len(pieces) > 10
+    whole = tokenizer.encode(text, add_special_tokens=False).ids
+    assert encoder.encode([text])[0][:-1].tolist() == whole
+    assert encoder.forced_cuts == 0
+
+
+def test_a_run_longer_than_the_stretch_is_cut_and_counted(trained):
+    tokenizer = load_tokenizer(trained, "<|endoftext|>")
+    encoder = DocumentEncoder(tokenizer, "<|endoftext|>", max_piece_chars=100)
+    text = "a" * (DocumentEncoder.STRETCH * 100 * 2 + 50)
+    assert [len(p) for p in encoder.pieces(text)] == [6400, 6400, 50]
+    assert encoder.forced_cuts == 2
+    assert tokenizer.decode(encoder.encode([text])[0][:-1].tolist()) == text
+
+
+def test_tokenizer_config_names_the_eos_for_transformers_and_megatron(trained, tmp_path):
+    from megatron.core.tokenizers.text.libraries.huggingface_tokenizer import (
+        HuggingFaceTokenizer,
+    )
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes(trained.read_bytes())
+    write_tokenizer_config(folder, load_tokenizer(trained, "<|endoftext|>"), "<|endoftext|>")
+    auto = AutoTokenizer.from_pretrained(str(folder))
+    assert auto.eos_token == "<|endoftext|>" and auto.eos_token_id == 0
+    assert auto.pad_token_id == 1
+    megatron = HuggingFaceTokenizer(str(folder), use_fast=True)
+    assert megatron.eod == 0
+    assert (
+        megatron.text_to_ids("def f(x):")
+        == load_tokenizer(trained, "<|endoftext|>").encode("def f(x):").ids
+    )
 
 
 def test_a_very_long_document_is_encoded_in_bounded_pieces(trained):

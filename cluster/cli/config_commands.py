@@ -74,7 +74,19 @@ def _show(args: argparse.Namespace) -> int:
     parameters = describe_parameters(cfg)
     if parameters:
         print(f"# parameters: {parameters}")
+    print(describe_filters(), end="")
     return 0
+
+
+def describe_filters() -> str:
+    """What each `data.filters` rule measures, as YAML comments."""
+    from data_pipeline.config import FilterConfig
+
+    lines = ["# data.filters: what each rule measures (null switches it off)"]
+    for name, field in FilterConfig.model_fields.items():
+        if field.description:
+            lines.append(f"#   {name}: {field.description}")
+    return "\n".join(lines) + "\n"
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -53,6 +53,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument(
         "--plot", metavar="PNG", help="Histogram path; default DIR/document_lengths.png."
     )
+    inspect.add_argument(
+        "--removed",
+        metavar="KIND",
+        help="Show removed documents of one rule (e.g. min_words) or dedup kind "
+        "(exact_duplicates, near_duplicates) instead, --samples of them.",
+    )
     inspect.set_defaults(handler=_inspect)
 
 
@@ -119,6 +125,8 @@ def _inspect(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     try:
         manifest = read_manifest(directory)
+        if args.removed:
+            return _show_removed(directory, args.removed, args.samples)
     except NotPreparedError as error:
         print(f"kiln: {error}", file=sys.stderr)
         return 2
@@ -126,9 +134,31 @@ def _inspect(args: argparse.Namespace) -> int:
     for table in summary_tables(manifest):
         console.print(table)
     for index, text in enumerate(sample_documents(directory, manifest, args.samples)):
-        shown = text if len(text) <= 800 else text[:800] + " [...]"
-        console.print(Panel(shown, title=f"train document {index}", expand=False), markup=False)
+        console.print(
+            Panel(_shorten(text), title=f"train document {index}", expand=False), markup=False
+        )
     plot = Path(args.plot) if args.plot else directory / "document_lengths.png"
     plot_length_histogram(document_lengths(directory, manifest), plot)
     console.print(f"document length histogram: {plot}")
     return 0
+
+
+def _show_removed(directory: Path, kind: str, count: int) -> int:
+    from rich.console import Console
+    from rich.panel import Panel
+
+    from data_pipeline.inspect import removed_documents
+
+    console = Console()
+    for row in removed_documents(directory, kind, count):
+        title = f"{kind}: {row['source']} {row['location']}"
+        console.print(Panel(_shorten(row["text"]), title=title, expand=False), markup=False)
+        if "repeats" in row:
+            kept = row["repeats"]
+            title = f"repeats the kept {kept['source']} {kept['location']}"
+            console.print(Panel(_shorten(kept["text"]), title=title, expand=False), markup=False)
+    return 0
+
+
+def _shorten(text: str, limit: int = 800) -> str:
+    return text if len(text) <= limit else text[:limit] + " [...]"

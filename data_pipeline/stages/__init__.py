@@ -4,21 +4,25 @@ small JSON of counts last, so a task whose JSON exists is complete and is not re
 Tasks get what they work on (a part, a bucket number, configuration sections) as arguments and
 read only their own inputs: no task loads the plan or a list covering the whole corpus.
 
-    clean/part_N.parquet            id, text, hash of the documents kept by normalise + filters
+    clean/part_N.parquet            id, text, hash, source, location, span of the kept documents
     clean/part_N.exact.npy          (hash, id) of those documents, by exact-dedup bucket
+    clean/part_N.ids.npy            their ids, and part_N.sigs.npy their MinHash signatures
+    clean/part_N.bands.npy          (band key, id, text hash) LSH entries, by near-dedup bucket
+    clean/part_N.removed.parquet    the part's candidates for the removed sample of each rule
     clean/part_N.quarantine.jsonl   malformed records (line numbers relative to their span)
-    clean/part_N.json               counts: in, malformed, filtered by rule, kept, spans read
+    clean/part_N.json               counts: every step's, the spans read, kept documents
     exact/drop_B.npy                sorted ids of the exact duplicates whose hash is in bucket B
-    sample/part_N.parquet           the part's share of the tokenizer's training sample
-    tokens/part_N.tokens            token ids of the part's documents (EOS after each), raw
-    tokens/part_N.npz               ids, lengths, hash64 of those documents
-    tokens/part_N.sigs.npy          MinHash signatures, a row per document
-    tokens/part_N.bands.npy         (band key, id) LSH entries, by near-dedup bucket
+                                    (drop_B.kept.npy: the id each repeats)
     near/band_B.npy                 candidate pairs of band bucket B, verified, by pair bucket
     near/cc_RRR_B.npy               edges of connected-components round R, by node bucket
     near/drop_B.npy                 sorted ids of the near duplicates found in bucket B
-    assign/part_N.npz               per document: copies written (0: dropped) and split
+                                    (drop_B.kept.npy: the id each repeats)
+    sample/part_N.parquet           the part's share of the tokenizer's training sample
+    tokens/part_N.tokens            token ids of the documents written (EOS after each), raw
+    tokens/part_N.npz               lengths, copies and split of those documents
+    tokens/part_N.removed.parquet   the part's candidates for the duplicates' removed sample
     shards/NAME.json                a finished shard's counts and checksums
+    removed/levelLL_I.parquet       the removed sample's merge tree
 """
 
 from __future__ import annotations
@@ -45,4 +49,4 @@ class WorkDir:
         return self.root / stage / name
 
 
-STAGE_DIRS = ("clean", "exact", "sample", "tokens", "near", "assign", "shards")
+STAGE_DIRS = ("clean", "exact", "sample", "tokens", "near", "shards", "removed")

@@ -7,14 +7,15 @@ import numpy as np
 
 from .. import atomic
 from ..plan import Part
-from ..shuffle import read_bucket, sorted_union
+from ..shuffle import read_bucket, sorted_union_rows
 from . import WorkDir
 from .clean import EXACT_ROW
 
 
 def exact_duplicates(parts: int, work_root: str, bucket: int) -> dict:
     """Ids of the documents whose text hash an earlier document (smaller id) has, among the
-    hashes of `bucket`; written sorted to exact/drop_B.npy. `parts` is the number of parts."""
+    hashes of `bucket`, written sorted to exact/drop_B.npy with the id of the document each
+    repeats (the first with its text) in exact/drop_B.kept.npy. `parts`: the number of parts."""
     work = WorkDir(work_root)
     done = work.bucket_file("exact", "drop", bucket, ".json")
     if done.exists():
@@ -22,19 +23,28 @@ def exact_duplicates(parts: int, work_root: str, bucket: int) -> dict:
     rows = read_bucket(
         (work.part_file("clean", p, ".exact.npy") for p in range(parts)), bucket, EXACT_ROW
     )
-    order = np.lexsort((rows["id"], rows["h1"], rows["h0"]))
-    rows = rows[order]
+    rows = rows[np.lexsort((rows["id"], rows["h1"], rows["h0"]))]
     repeat = np.zeros(len(rows), dtype=bool)
-    if len(rows) > 1:
-        repeat[1:] = (rows["h0"][1:] == rows["h0"][:-1]) & (rows["h1"][1:] == rows["h1"][:-1])
-    drop = np.sort(rows["id"][repeat])
-    atomic.write_npy(work.bucket_file("exact", "drop", bucket), drop)
-    result = {"bucket": bucket, "documents": int(len(rows)), "removed": int(len(drop))}
+    repeat[1:] = (rows["h0"][1:] == rows["h0"][:-1]) & (rows["h1"][1:] == rows["h1"][:-1])
+    first = np.flatnonzero(~repeat)  # each text's first document
+    kept = rows["id"][first][np.cumsum(~repeat) - 1]
+    order = np.argsort(rows["id"][repeat])
+    atomic.write_npy(work.bucket_file("exact", "drop", bucket, ".kept.npy"), kept[repeat][order])
+    atomic.write_npy(work.bucket_file("exact", "drop", bucket), rows["id"][repeat][order])
+    result = {"bucket": bucket, "documents": int(len(rows)), "removed": int(repeat.sum())}
     atomic.write_json(done, result)
     return result
 
 
-def exact_drops_of(work: WorkDir, part: Part, buckets: int) -> np.ndarray:
-    """The part's exact duplicates (sorted ids), sliced from every bucket's sorted drop list."""
+def exact_drops_of(work: WorkDir, part: Part, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """The part's exact duplicates (sorted ids) and the ids they repeat, sliced from every
+    bucket's sorted drop list."""
+    if not buckets:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     low, high = part.id_range
-    return sorted_union((work.bucket_file("exact", "drop", b) for b in range(buckets)), low, high)
+    files = [
+        (work.bucket_file("exact", "drop", b), work.bucket_file("exact", "drop", b, ".kept.npy"))
+        for b in range(buckets)
+    ]
+    ids, kept = sorted_union_rows(files, low, high)
+    return ids, kept

@@ -1,10 +1,13 @@
 """Near deduplication on Ray tasks, every task bounded by its bucket:
 
-1. `near_band_task` (one per band bucket): reads its (band key, id) entries from every part,
-   turns each group of documents sharing a key into star pairs (smallest id, other id), and
-   verifies each pair by the estimated Jaccard similarity of the two MinHash signatures, read
-   from their parts. Pairs go out by pair bucket (of the smaller id), so that every copy of a
-   pair found in several bands meets its twins in one task.
+1. `near_band_task` (one per band bucket): reads its (band key, id, text hash) entries from
+   every part; in each group of documents sharing a key it sets aside the exact copies of an
+   earlier member (an exact copy shares every band key with its original, so this removes
+   exactly what exact dedup removes, and near dedup runs beside it rather than after it); turns
+   the rest into star pairs (smallest id, other id), and verifies each pair by the estimated
+   Jaccard similarity of the two MinHash signatures, read from their parts. Pairs go out by
+   pair bucket (of the smaller id), so that every copy of a pair found in several bands meets
+   its twins in one task.
 2. `near_pair_task` (one per pair bucket): counts the distinct candidate and similar pairs and
    writes the similar ones as the graph's edges, each under both of its nodes.
 3. Connected components by alternating `large_star` and `small_star` rounds (Kiveris, Lattanzi,
@@ -15,7 +18,8 @@
    rounds' change counts and stops once a large-star and the small-star after it change nothing:
    then every component is a star around its smallest label.
 4. `near_finalize` (one per node bucket): for each star, keeps the smallest id (the earliest
-   document in corpus order) and writes the others, sorted, as that bucket's drop list.
+   document in corpus order) and writes the others, sorted, as that bucket's drop list, with
+   the kept id each one repeats.
 
 The result equals `steps.dedup.near_duplicates` over the same candidate pairs, computed in one
 process; no task reads more than its bucket, and no process holds the corpus's pairs.
@@ -32,10 +36,10 @@ from .. import atomic
 from ..config import NearDedupConfig
 from ..plan import PART_SHIFT, Part
 from ..selection import id_buckets, mix64
-from ..shuffle import read_bucket, sorted_union, write_buckets
+from ..shuffle import read_bucket, sorted_union_rows, write_buckets
 from ..steps.dedup import candidate_pairs, estimated_jaccard
 from . import WorkDir
-from .tokenize import BAND_ROW
+from .clean import BAND_ROW
 
 PAIR_ROW = np.dtype([("a", "<i8"), ("b", "<i8"), ("similar", "?")])
 EDGE_ROW = np.dtype([("node", "<i8"), ("other", "<i8")])
@@ -50,8 +54,14 @@ def near_band_task(
     if done.exists():
         return atomic.read_json(done)
     entries = read_bucket(
-        (work.part_file("tokens", p, ".bands.npy") for p in range(parts)), bucket, BAND_ROW
+        (work.part_file("clean", p, ".bands.npy") for p in range(parts)), bucket, BAND_ROW
     )
+    entries = entries[np.lexsort((entries["id"], entries["text"], entries["key"]))]
+    copy = np.zeros(len(entries), dtype=bool)  # the same text as an earlier member of its group
+    copy[1:] = (entries["key"][1:] == entries["key"][:-1]) & (
+        entries["text"][1:] == entries["text"][:-1]
+    )
+    entries = entries[~copy]
     pairs = candidate_pairs(entries["key"], entries["id"])
     rows = np.zeros(len(pairs), dtype=PAIR_ROW)
     rows["a"], rows["b"] = pairs[:, 0], pairs[:, 1]
@@ -75,9 +85,8 @@ def _signatures(work: WorkDir, doc_ids: np.ndarray) -> np.ndarray:
     rows = []
     for part in np.unique(owners).tolist():
         wanted = doc_ids[owners == part]
-        with np.load(work.part_file("tokens", part, ".npz")) as arrays:
-            ids = arrays["ids"]
-        signatures = np.load(work.part_file("tokens", part, ".sigs.npy"), mmap_mode="r")
+        ids = np.load(work.part_file("clean", part, ".ids.npy"), mmap_mode="r")
+        signatures = np.load(work.part_file("clean", part, ".sigs.npy"), mmap_mode="r")
         rows.append(np.asarray(signatures[np.searchsorted(ids, wanted)]))
     return np.concatenate(rows, axis=0)
 
@@ -168,7 +177,8 @@ def small_star(work_root: str, round_index: int, bucket: int, buckets: int) -> d
 
 def near_finalize(work_root: str, round_index: int, bucket: int, buckets: int) -> dict:
     """Once every component is a star: of each star centred in this bucket, every member but
-    the smallest id is a near duplicate; write them sorted to near/drop_B.npy."""
+    the smallest id is a near duplicate; write them sorted to near/drop_B.npy, and the id each
+    one repeats (the star's smallest) to near/drop_B.kept.npy."""
     work = WorkDir(work_root)
     done = work.bucket_file("near", "drop", bucket, ".json")
     if done.exists():
@@ -176,24 +186,35 @@ def near_finalize(work_root: str, round_index: int, bucket: int, buckets: int) -
     node, other = _read_edges(work, round_index, bucket, buckets)
     centered = mix64(node) < mix64(other)  # rows listed under the star's centre
     node, other = node[centered], other[centered]
-    drop = np.zeros(0, dtype=np.int64)
+    drop = kept = np.zeros(0, dtype=np.int64)
     if len(node):
         starts = _group_starts(node)
         smallest = np.minimum(node[starts], np.minimum.reduceat(other, starts))
-        keep = np.repeat(smallest, np.diff(np.r_[starts, len(node)]))
         members = np.concatenate([other, node[starts]])
-        kept = np.concatenate([keep, smallest])
-        drop = np.unique(members[members != kept])
+        keep = np.concatenate([np.repeat(smallest, np.diff(np.r_[starts, len(node)])), smallest])
+        removed = members != keep
+        drop, kept = members[removed], keep[removed]
+        order = np.argsort(drop)
+        drop, kept = drop[order], kept[order]
+    atomic.write_npy(work.bucket_file("near", "drop", bucket, ".kept.npy"), kept)
     atomic.write_npy(work.bucket_file("near", "drop", bucket), drop)
     result = {"bucket": bucket, "removed": int(len(drop))}
     atomic.write_json(done, result)
     return result
 
 
-def near_drops_of(work: WorkDir, part: Part, buckets: int) -> np.ndarray:
-    """The part's near duplicates (sorted ids), sliced from every bucket's sorted drop list."""
+def near_drops_of(work: WorkDir, part: Part, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """The part's near duplicates (sorted ids) and the ids they repeat, sliced from every
+    bucket's sorted drop list."""
+    if not buckets:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     low, high = part.id_range
-    return sorted_union((work.bucket_file("near", "drop", b) for b in range(buckets)), low, high)
+    files = [
+        (work.bucket_file("near", "drop", b), work.bucket_file("near", "drop", b, ".kept.npy"))
+        for b in range(buckets)
+    ]
+    ids, kept = sorted_union_rows(files, low, high)
+    return ids, kept
 
 
 def _round_done(work: WorkDir, round_index: int, bucket: int) -> Path:

@@ -1,7 +1,7 @@
-"""The tokenizer's training sample, chosen by each part for its own documents: the kept,
-not exactly duplicated documents whose hash falls in the first `share` of the hash space, long
-ones cut into the same bounded pieces the encoder uses (the trainer's memory grows with the
-longest sequence it is given)."""
+"""The tokenizer's training sample, chosen by each part for its own documents: the kept
+documents that are neither exact nor near duplicates and whose hash falls in the first `share`
+of the hash space, long ones cut into the same bounded pieces the encoder uses (the trainer's
+memory grows with the longest sequence it is given)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,18 @@ from ..tokenizer import split_pieces
 from . import WorkDir
 from .clean import read_clean
 from .exact import exact_drops_of
+from .near import near_drops_of
 
 SAMPLE_SCHEMA = pa.schema([("text", pa.string())])
 
 
 def sample_part(
-    part: Part, work_root: str, exact_buckets: int, share: float, max_piece_chars: int
+    part: Part,
+    work_root: str,
+    exact_buckets: int,
+    near_buckets: int,
+    share: float,
+    max_piece_chars: int,
 ) -> dict:
     work = WorkDir(work_root)
     done = work.part_file("sample", part, ".json")
@@ -32,7 +38,9 @@ def sample_part(
         return atomic.read_json(done)
     table = read_clean(work, part, ["id", "text", "hash"])
     chosen = in_tokenizer_sample(hash_pairs(table.column("hash").to_pylist()), share)
-    chosen &= ~contains(exact_drops_of(work, part, exact_buckets), table.column("id").to_numpy())
+    ids = table.column("id").to_numpy()
+    chosen &= ~contains(exact_drops_of(work, part, exact_buckets)[0], ids)
+    chosen &= ~contains(near_drops_of(work, part, near_buckets)[0], ids)
     texts = table.column("text").take(pa.array(np.flatnonzero(chosen))).to_pylist()
     pieces = [piece for text in texts for piece in split_pieces(text, max_piece_chars)]
     atomic.write_parquet(

@@ -20,7 +20,6 @@ import numpy as np
 from .. import atomic
 from ..format import ShardWriter
 from . import WorkDir
-from .assign import load_assignment
 from .tokenize import load_tokens
 
 
@@ -65,8 +64,7 @@ def write_shard(
     try:
         for segment in segments:
             meta, tokens = load_tokens(work, segment.part, dtype)
-            copies, valid = load_assignment(work, segment.part)
-            lengths = meta["lengths"]
+            lengths, copies, valid = meta["lengths"], meta["copies"], meta["valid"]
             file_ends = np.cumsum(lengths)
             in_stream = np.flatnonzero(
                 (valid == (split == "valid")) & (copies > segment.pass_index)

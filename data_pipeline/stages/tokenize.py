@@ -1,6 +1,7 @@
-"""Tokenise one part: the kept documents that are not exact duplicates, EOS after each; their
-MinHash signatures and LSH band keys, the band keys written by near-dedup bucket (the map side
-of the near-dedup shuffle)."""
+"""Tokenise one part: the documents that survived both dedup kinds and that their input's weight
+keeps, EOS after each; decide each one's copies and split; count the tokens each split and pass
+receives from the part (all the shard stage needs to place it); and pick the part's share of the
+removed-document sample among its duplicates."""
 
 from __future__ import annotations
 
@@ -11,21 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import atomic
 from ..config import DataConfig, TokenizerConfig
 from ..plan import Part
 from ..ray_cluster import current_node
-from ..selection import hash64
-from ..shuffle import contains, write_buckets
-from ..steps.dedup import MinHasher
+from ..selection import SPLITS, copies_of, hash_pairs, sample_key, split_of
+from ..shuffle import contains
 from ..tokenizer import DocumentEncoder, load_tokenizer
 from . import WorkDir
-from .clean import READ_BATCH, clean_parquet
+from .clean import READ_BATCH, REMOVED_SCHEMA, clean_parquet
 from .exact import exact_drops_of
+from .near import near_drops_of
 
-BAND_ROW = np.dtype([("key", "<u8"), ("id", "<i8")])
+EXACT_KIND, NEAR_KIND = "exact_duplicates", "near_duplicates"
 
 
 def tokenize_part(
@@ -35,10 +37,11 @@ def tokenize_part(
     work_root: str,
     exact_buckets: int,
     near_buckets: int,
+    passes: int,
     threads: int = 1,
 ) -> dict:
-    """Write the part's token ids, (ids, lengths, hash64), and for near dedup its signatures and
-    band entries; return the counts."""
+    """Write the part's token ids and, per written document, its length, copies and split;
+    return the counts, with the documents and tokens of each split and pass."""
     work = WorkDir(work_root)
     done = work.part_file("tokens", part, ".json")
     if done.exists():
@@ -48,39 +51,63 @@ def tokenize_part(
     encoder = _encoder(
         work.root.parent / "tokenizer.json", tokenizer.eos_token, data.tokenize.max_piece_chars
     )
-    near = data.dedup.near
-    minhasher = MinHasher(near) if near.enabled else None
-    drops = exact_drops_of(work, part, exact_buckets)
+    forced_before = encoder.forced_cuts  # the encoder is shared by the tasks of a process
+    exact, exact_kept = exact_drops_of(work, part, exact_buckets)
+    near, near_kept = near_drops_of(work, part, near_buckets)
+    weight = data.inputs[part.input_index].weight
+    chooser = DuplicateSample(data.removed_sample)
     token_file = work.part_file("tokens", part, ".tokens")
     tmp = token_file.with_name(token_file.name + f".tmp.{os.getpid()}")
-    ids, lengths, hashes, signatures = [], [], [], []
+    lengths, copies, valid = [], [], []
+    weight_filtered = 0
     with open(tmp, "wb") as out:
-        for batch_ids, texts, batch_hashes in _batches(work, part, data, drops):
-            encoded = encoder.encode(texts)
+        for batch in _batches(work, part, data):
+            ids, hashes = batch["id"], batch["hashes"]
+            is_exact, is_near = contains(exact, ids), contains(near, ids)
+            chooser.add(EXACT_KIND, batch, is_exact, exact, exact_kept)
+            chooser.add(NEAR_KIND, batch, is_near, near, near_kept)
+            count = copies_of(hashes[:, 0], weight)
+            survivor = ~(is_exact | is_near)
+            weight_filtered += int((survivor & (count == 0)).sum())
+            written = np.flatnonzero(survivor & (count > 0))
+            encoded = encoder.encode([batch["text"][i] for i in written.tolist()])
             out.write(b"".join(array.tobytes() for array in encoded))
-            ids.append(batch_ids)
-            lengths.append(np.fromiter((len(a) for a in encoded), np.int64, len(encoded)))
-            hashes.append(batch_hashes)
-            if minhasher is not None:
-                signatures.append(minhasher.signatures([a[:-1] for a in encoded]))  # no EOS
+            lengths.append(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+            copies.append(count[written])
+            valid.append(split_of(hashes[written, 0], data.shards.validation_fraction))
     os.replace(tmp, token_file)
-    all_ids = _cat(ids, np.int64)
-    all_lengths = _cat(lengths, np.int64)
-    if minhasher is not None:
-        sigs = np.concatenate(signatures) if signatures else np.zeros((0, minhasher.num_perm))
-        atomic.write_npy(work.part_file("tokens", part, ".sigs.npy"), sigs.astype(np.uint32))
-        _write_band_entries(work, part, minhasher, sigs, all_ids, near_buckets)
+    lengths_all, copies_all, valid_all = (
+        _cat(lengths, np.int64),
+        _cat(copies, np.int64),
+        _cat(valid, bool),
+    )
     atomic.write_arrays(
         work.part_file("tokens", part, ".npz"),
-        ids=all_ids,
-        lengths=all_lengths,
-        hash64=_cat(hashes, np.uint64),
+        lengths=lengths_all,
+        copies=copies_all,
+        valid=valid_all,
     )
+    chooser.write(work.part_file("tokens", part, ".removed.parquet"))
+    streams = {
+        split: [
+            [int(chosen.sum()), int(lengths_all[chosen].sum())]
+            for chosen in (
+                (valid_all if split == "valid" else ~valid_all) & (copies_all > p)
+                for p in range(passes)
+            )
+        ]
+        for split in SPLITS
+    }
     stats = {
         "part": part.index,
-        "documents": int(len(all_lengths)),
-        "tokens": int(all_lengths.sum()),
-        "exact_removed": int(len(drops)),
+        "documents": int(len(lengths_all)),
+        "tokens": int(lengths_all.sum()),
+        "exact_removed": int(len(exact)),
+        "near_removed": int(len(near)),
+        "weight_filtered": weight_filtered,
+        "extra_copies": int((copies_all - 1).sum()),
+        "forced_cuts": encoder.forced_cuts - forced_before,
+        "streams": streams,
         "seconds": round(time.perf_counter() - started, 3),
         "node": current_node(),
     }
@@ -103,47 +130,74 @@ def _cached_encoder(
     return DocumentEncoder(load_tokenizer(path, eos_token), eos_token, max_piece_chars)
 
 
-def _batches(
-    work: WorkDir, part: Part, data: DataConfig, drops: np.ndarray
-) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
-    """Kept, not exactly duplicated documents in bounded batches (documents and chars)."""
+def _batches(work: WorkDir, part: Part, data: DataConfig) -> Iterator[dict]:
+    """The part's kept documents in bounded batches (documents and characters): id, text,
+    hashes (n, 2), source, location, span."""
     source = pq.ParquetFile(clean_parquet(work, part))
     limit_docs = data.tokenize.batch_documents
     limit_chars = 64 * data.tokenize.max_piece_chars
-    ids: list[int] = []
-    texts: list[str] = []
-    hashes: list[bytes] = []
+    pending: list[dict] = []
     chars = 0
     for record_batch in source.iter_batches(batch_size=READ_BATCH):
-        batch_ids = record_batch.column(0).to_numpy()
-        batch_texts = record_batch.column(1).to_pylist()
-        batch_hashes = record_batch.column(2).to_pylist()
-        for index in np.flatnonzero(~contains(drops, batch_ids)):
-            ids.append(int(batch_ids[index]))
-            texts.append(batch_texts[index])
-            hashes.append(batch_hashes[index])
-            chars += len(batch_texts[index])
-            if len(texts) >= limit_docs or chars >= limit_chars:
-                yield np.asarray(ids, np.int64), texts, hash64(hashes)
-                ids, texts, hashes, chars = [], [], [], 0
-    if texts:
-        yield np.asarray(ids, np.int64), texts, hash64(hashes)
+        columns = record_batch.to_pydict()
+        for index, text in enumerate(columns["text"]):
+            pending.append({key: values[index] for key, values in columns.items()})
+            chars += len(text)
+            if len(pending) >= limit_docs or chars >= limit_chars:
+                yield _columns(pending)
+                pending, chars = [], 0
+    if pending:
+        yield _columns(pending)
 
 
-def _write_band_entries(
-    work: WorkDir,
-    part: Part,
-    minhasher: MinHasher,
-    signatures: np.ndarray,
-    ids: np.ndarray,
-    buckets: int,
-) -> None:
-    keys = minhasher.band_keys(signatures) if len(signatures) else np.zeros((0, minhasher.bands))
-    rows = np.zeros(keys.size, dtype=BAND_ROW)
-    rows["key"] = keys.reshape(-1)
-    rows["id"] = np.repeat(ids, minhasher.bands)
-    bucket = (rows["key"] % np.uint64(buckets)).astype(np.int64)
-    write_buckets(work.part_file("tokens", part, ".bands.npy"), rows, bucket, buckets)
+def _columns(rows: list[dict]) -> dict:
+    return {
+        "id": np.fromiter((r["id"] for r in rows), np.int64, len(rows)),
+        "text": [r["text"] for r in rows],
+        "hashes": hash_pairs([r["hash"] for r in rows]),
+        "source": [r["source"] for r in rows],
+        "location": [r["location"] for r in rows],
+        "span": [r["span"] for r in rows],
+    }
+
+
+class DuplicateSample:
+    """The part's candidates for the removed-document sample of each dedup kind: its
+    `limit` duplicates of smallest sample key (ties: corpus order), with the id each repeats."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.rows: dict[str, list[dict]] = {EXACT_KIND: [], NEAR_KIND: []}
+
+    def add(
+        self, kind: str, batch: dict, chosen: np.ndarray, drops: np.ndarray, kept: np.ndarray
+    ) -> None:
+        if not self.limit or not chosen.any():
+            return
+        keys = sample_key(batch["hashes"])
+        rows = self.rows[kind]
+        for i in np.flatnonzero(chosen).tolist():
+            doc_id = int(batch["id"][i])
+            repeats = int(kept[np.searchsorted(drops, doc_id)])
+            rows.append(
+                {
+                    "kind": kind,
+                    "key": int(keys[i]),
+                    "id": doc_id,
+                    "kept_id": repeats,
+                    "text": batch["text"][i],
+                    "source": batch["source"][i],
+                    "location": batch["location"][i],
+                    "span": batch["span"][i],
+                }
+            )
+        rows.sort(key=lambda row: (row["key"], row["id"]))
+        del rows[self.limit :]
+
+    def write(self, path: Path) -> None:
+        rows = [row for kind in (EXACT_KIND, NEAR_KIND) for row in self.rows[kind]]
+        schema = REMOVED_SCHEMA.append(pa.field("kept_id", pa.int64()))
+        atomic.write_parquet(path, pa.Table.from_pylist(rows, schema=schema))
 
 
 def _cat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
@@ -153,7 +207,7 @@ def _cat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
 def load_tokens(
     work: WorkDir, part: Part | int, dtype: np.dtype
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """A tokenised part: its arrays (ids, lengths, hash64) and its token ids (memory-mapped)."""
+    """A tokenised part: its arrays (lengths, copies, valid) and its token ids (memory-mapped)."""
     with np.load(work.part_file("tokens", part, ".npz")) as arrays:
         meta = {key: arrays[key] for key in arrays.files}
     token_file = work.part_file("tokens", part, ".tokens")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from operator import methodcaller
+from typing import Any
 
 import numpy as np
 
@@ -67,3 +68,35 @@ def has_control_characters(text: str) -> bool:
     octets = np.frombuffer(data, np.uint8)
     follows_c2 = octets[1:][octets[:-1] == 0xC2]
     return bool((follows_c2 < 0xA0).any())
+
+
+EMPTY_RULE = "empty_after_normalize"
+
+
+class Normalize:
+    """The normalisation step: counts the documents it changed, and removes (counted under
+    `empty_after_normalize`) those left with nothing but whitespace."""
+
+    name = "normalize"
+
+    def __init__(self, cfg: NormalizeConfig) -> None:
+        self.cfg = cfg
+        self.seen = self.changed = self.emptied = 0
+
+    def apply(self, texts: list[str]) -> list[str | None]:
+        """Each text normalised, or None where nothing but whitespace is left."""
+        out: list[str | None] = []
+        for text in texts:
+            normalized = normalize_text(text, self.cfg)
+            self.changed += normalized != text
+            if normalized.strip():
+                out.append(normalized)
+            else:
+                out.append(None)
+                self.emptied += 1
+        self.seen += len(texts)
+        return out
+
+    def report(self) -> dict[str, Any]:
+        removed = {EMPTY_RULE: self.emptied} if self.emptied else {}
+        return {"step": self.name, "in": self.seen, "changed": self.changed, "removed": removed}
