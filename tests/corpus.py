@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 # English function words first, so that the Zipf weights make them the most frequent, as in
 # prose (Gopher's stop-word rule wants at least two of them).
 FUNCTION_WORDS = ["the", "of", "and", "to", "in", "that", "with", "be", "have", "for"]

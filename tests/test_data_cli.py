@@ -89,6 +89,23 @@ def test_prepare_prints_a_summary_and_inspect_shows_it(reference, kiln):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_inspect_shows_the_removed_sample(reference, kiln):
+    result = kiln(
+        "data", "inspect", str(reference), "--removed", "near_duplicates", "--samples", "1"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "near_duplicates:" in result.stdout and "repeats the kept" in result.stdout
+    missing = kiln("data", "inspect", str(reference), "--removed", "no_such_rule")
+    assert missing.returncode == 2 and "there are: exact_duplicates" in missing.stderr
+
+
+def test_config_show_says_what_each_rule_measures(corpus_config, kiln):
+    result = kiln("config", "show", str(corpus_config))
+    assert result.returncode == 0, result.stderr
+    assert "#   min_stop_words: occurrences of the stop words" in result.stdout
+    assert "occurring at least twice" in result.stdout
+
+
 def test_inspect_of_a_directory_without_manifest(kiln, tmp_path):
     result = kiln("data", "inspect", str(tmp_path))
     assert result.returncode == 2

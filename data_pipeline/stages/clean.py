@@ -177,7 +177,7 @@ class PartCleaner:
                 "id": pa.array(ids, pa.int64()),
                 "text": pa.array(texts, pa.string()),
                 "hash": pa.array(hashes, pa.binary(16)),
-                "source": pa.array([d.source for _, _, d, _ in kept]).dictionary_encode(),
+                "source": _dictionary([d.source for _, _, d, _ in kept]),
                 "location": pa.array([d.location for _, _, d, _ in kept], pa.string()),
                 "span": pa.array([span for _, span, _, _ in kept], pa.int32()),
             },
@@ -256,6 +256,15 @@ class PartCleaner:
             "steps": steps,
             "spans": self.spans,
         }
+
+
+def _dictionary(values: list[str]) -> pa.DictionaryArray:
+    """A dictionary-encoded string column (a part's documents come from a few files)."""
+    codes: dict[str, int] = {}
+    indices = [codes.setdefault(value, len(codes)) for value in values]
+    return pa.DictionaryArray.from_arrays(
+        pa.array(indices, pa.int32()), pa.array(list(codes), pa.string())
+    )
 
 
 def _quarantine_line(record: Malformed, span: int) -> str:

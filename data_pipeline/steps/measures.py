@@ -257,18 +257,32 @@ class TextMeasures:
     def dedup_words(self, docs: np.ndarray) -> list[np.ndarray]:
         """Per document of `docs`: the 64-bit hashes of its normalised words (lower case,
         punctuation and symbols deleted, split on whitespace)."""
-        lowered = [self.texts[i].lower() for i in docs.tolist()]
+        if self._codes.dtype == np.uint8:  # ASCII: lower-case the code points already made
+            codes = self._codes.copy()
+            codes[(codes >= 65) & (codes <= 90)] += 32
+            hashes, firsts = _normalised_words(codes, self._classes, self._offsets)
+            return [hashes[firsts[i] : firsts[i + 1]] for i in docs.tolist()]
+        lowered = [self.texts[i].lower() for i in docs.tolist()]  # may change lengths
         lengths = np.fromiter(map(len, lowered), np.int64, len(lowered))
         joined = "\n".join(lowered)
         codes = code_points(joined)
-        classes = char_classes(joined, codes)
-        kept = (classes & PUNCT) == 0  # punctuation deleted: "don't" is "dont"
-        position = np.concatenate(([0], np.cumsum(kept)))  # index among the kept characters
-        starts, ends = runs((classes & SPACE) == 0)
-        starts, ends = position[starts], position[ends]
-        nonempty = ends > starts
-        starts, ends = starts[nonempty], ends[nonempty]
-        hashes = word_hashes(codes[kept], starts, ends)
-        offsets = position[np.concatenate(([0], np.cumsum(lengths + 1)))[:-1]]
-        bounds = np.searchsorted(starts, np.append(offsets, position[-1] + 1))
-        return [hashes[bounds[i] : bounds[i + 1]] for i in range(len(lowered))]
+        offsets = np.concatenate(([0], np.cumsum(lengths + 1)))[:-1]
+        hashes, firsts = _normalised_words(codes, char_classes(joined, codes), offsets)
+        return [hashes[firsts[i] : firsts[i + 1]] for i in range(len(lowered))]
+
+
+def _normalised_words(
+    codes: np.ndarray, classes: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of the words of a joined text (documents starting at `offsets`) with their
+    punctuation and symbols deleted ("don't" is "dont"; words left empty are dropped), and the
+    index of each document's first word (the word count at the end)."""
+    kept = (classes & PUNCT) == 0
+    position = np.concatenate(([0], np.cumsum(kept)))  # index among the kept characters
+    starts, ends = runs((classes & SPACE) == 0)
+    starts, ends = position[starts], position[ends]
+    nonempty = ends > starts
+    starts, ends = starts[nonempty], ends[nonempty]
+    hashes = word_hashes(codes[kept], starts, ends)
+    firsts = np.searchsorted(starts, np.append(position[offsets], position[-1] + 1))
+    return hashes, firsts
