@@ -105,6 +105,15 @@ def build_manifest(
         "counts": counts,
         "tokenizer": tokenizer,
         "shards": shards,
+        # documents of each pass over the corpus order, per split: the training sampler
+        # shuffles documents within a pass, so that copies a pass apart never meet
+        "passes": {
+            split: [
+                sum(t["streams"][split][index][0] for t in tokenized)
+                for index in range(len(tokenized[0]["streams"][split]) if tokenized else 0)
+            ]
+            for split in ("train", "valid")
+        },
         "steps": steps,
         "removed_sample": {f"removed/{kind}.jsonl": count for kind, count in removed.items()},
         "inputs": _inputs(config, plan.parts, clean),

@@ -14,13 +14,15 @@ from data_pipeline.format import ShardFormatError, ShardReader, ShardWriter, idx
 from pretrain.data import (
     Blend,
     DataDirError,
+    DocumentTable,
     PackedSequences,
-    ShuffledSamples,
+    ShuffledDocumentSamples,
     ValidationSamples,
     build_train_samples,
     build_validation_samples,
     largest_remainder,
     load_split,
+    load_split_documents,
     micro_batch,
     rank_batch_indices,
 )
@@ -153,24 +155,80 @@ def packed_of(tmp_path: Path, seq_length: int = 4, seed: int = 5) -> PackedSeque
     return PackedSequences(load_split(data, "train"), seq_length)
 
 
-def test_shuffled_epochs_are_deterministic_permutations(tmp_path):
-    packed = packed_of(tmp_path)
-    n = len(packed)
-    assert n > 20
+def shuffled_of(
+    tmp_path: Path, docs: list[np.ndarray], seq_length: int, seed: int, passes=None
+) -> ShuffledDocumentSamples:
+    data = write_dir(tmp_path, [("train_00000", "train", docs)])
+    stream, lengths, _ = load_split_documents(data, "train")
+    return ShuffledDocumentSamples(stream, DocumentTable.of(lengths, passes), seq_length, seed)
 
-    def order(seed: int, epoch: int) -> list[int]:
-        shuffled = ShuffledSamples(packed, seed)
-        return [shuffled.index(g) for g in range(epoch * n, (epoch + 1) * n)]
 
+def expected_epoch(docs: list[np.ndarray], seq_length: int, seed: int, epoch: int) -> list:
+    """The epoch's samples the slow way: documents permuted, packed, windows permuted."""
+    order = np.random.default_rng([seed, epoch, 0]).permutation(len(docs))
+    stream = concat([docs[i] for i in order])
+    windows = [
+        stream[i * seq_length : i * seq_length + seq_length + 1]
+        for i in range((len(stream) - 1) // seq_length)
+    ]
+    perm = np.random.default_rng([seed, epoch]).permutation(len(windows))
+    return [windows[i] for i in perm]
+
+
+def test_documents_then_sequences_are_shuffled_per_epoch(tmp_path):
+    docs = documents(5, 60)
+    samples = shuffled_of(tmp_path, docs, seq_length=4, seed=7)
+    n = samples.epoch_size
+    assert n > 40
     for epoch in range(3):
-        assert sorted(order(7, epoch)) == list(range(n))
-        assert order(7, epoch) == list(np.random.default_rng([7, epoch]).permutation(n))
-    assert order(7, 0) == order(7, 0)
-    assert order(7, 0) != order(7, 1)
-    assert order(7, 0) != order(8, 0)
-    shuffled = ShuffledSamples(packed, 7)
-    np.testing.assert_array_equal(shuffled.sample(n + 3), packed.sample(shuffled.index(n + 3)))
-    assert shuffled.index(10**12) == order(7, 10**12 // n)[10**12 % n]
+        expected = expected_epoch(docs, 4, 7, epoch)
+        got = [samples.sample(g) for g in range(epoch * n, (epoch + 1) * n)]
+        assert len(expected) == n
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    far = 10**9
+    np.testing.assert_array_equal(
+        samples.sample(far), expected_epoch(docs, 4, 7, far // n)[far % n]
+    )
+    other = shuffled_of(tmp_path / "other", docs, seq_length=4, seed=8)
+    assert not all(np.array_equal(other.sample(g), samples.sample(g)) for g in range(10))
+
+
+def test_neighbours_in_a_sequence_are_random_documents(tmp_path):
+    """Document d holds only the token d + 1: a sequence shows which documents met. Corpus
+    neighbours meet in a shuffled epoch about as often as chance has it, not always."""
+    count, seq_length = 400, 16
+    rng = np.random.default_rng(3)
+    docs = [np.append(np.full(int(rng.integers(2, 6)), d + 1), EOS) for d in range(count)]
+    samples = shuffled_of(tmp_path, docs, seq_length, seed=11)
+    met = neighbours = 0
+    for g in range(samples.epoch_size):
+        ids = [int(t) - 1 for t in samples.sample(g) if t != EOS]
+        order = list(dict.fromkeys(ids))  # the documents, in the order the sequence holds them
+        for a, b in zip(order, order[1:], strict=False):
+            met += 1
+            neighbours += abs(a - b) == 1
+    assert met > 300
+    # By chance a pair of documents are corpus neighbours with probability 2 / count.
+    assert neighbours / met < 5 * 2 / count
+
+
+def test_a_pass_is_shuffled_apart_and_copies_never_share_a_sequence(tmp_path):
+    """Documents written twice by an input weight, the copies a pass later (as `kiln data
+    prepare` writes them): a window never crosses passes, so no sequence holds both copies."""
+    count, seq_length = 120, 8
+    rng = np.random.default_rng(4)
+    first = [np.append(np.full(int(rng.integers(2, 9)), d + 1), EOS) for d in range(count)]
+    doubled = [doc for doc in first if int(doc[0]) % 3 == 0]
+    samples = shuffled_of(
+        tmp_path, first + doubled, seq_length, seed=2, passes=[count, len(doubled)]
+    )
+    for g in range(3 * samples.epoch_size):
+        ids = [int(t) for t in samples.sample(g) if t != EOS]
+        runs = [ids[0]] + [b for a, b in zip(ids, ids[1:], strict=False) if b != a]
+        assert len(runs) == len(set(runs)), runs  # no document twice in one sequence
+    with pytest.raises(DataDirError, match="passes hold"):
+        DocumentTable.of(np.ones(5, np.int64), [3, 3])
 
 
 def test_validation_samples_are_fixed_and_wrap(tmp_path):
@@ -290,8 +348,7 @@ def test_rank_batch_indices_rejects_bad_layouts():
 
 
 def test_micro_batch_shifts_targets_by_one(tmp_path):
-    packed = packed_of(tmp_path, seq_length=6)
-    samples = ShuffledSamples(packed, 0)
+    samples = shuffled_of(tmp_path, documents(5, 30), seq_length=6, seed=0)
     inputs, targets = micro_batch(samples, rank_batch_indices(2 * 12, 1, 3, 1, 2, 2))
     assert inputs.shape == targets.shape == (3, 6)
     assert inputs.dtype == targets.dtype == np.int64
@@ -330,14 +387,14 @@ def test_build_train_and_validation_samples(tmp_path):
         real = tokens[tokens != EOS]
         assert len(tokens) == 9
         assert np.all(real < 500) if train.source_of(g) == 0 else np.all(real >= 500)
-    # Each source's first epoch reads every one of its packed samples exactly once.
-    first_epoch: list[list[int]] = [[], []]
+    # Each source's first epoch reads every one of its windows exactly once.
+    first_epoch: list[list[tuple]] = [[], []]
     for g in range(4 * train.sources[1].epoch_size):
         source, local = train.locate(g)
         if local < train.sources[source].epoch_size:
-            first_epoch[source].append(train.sources[source].index(local))
+            first_epoch[source].append(train.sources[source].locate(local))
     for source, reads in zip(train.sources, first_epoch, strict=True):
-        assert sorted(reads) == list(range(source.epoch_size))
+        assert sorted(reads) == [(0, 0, w) for w in range(source.epoch_size)]
     again = build_train_samples([(str(a), 3.0), (str(b), 1.0)], seq_length=8, seed=9)
     np.testing.assert_array_equal(again.sample(10**9), train.sample(10**9))
 

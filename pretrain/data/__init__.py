@@ -1,9 +1,10 @@
-"""Training and validation samples over MMIDIDX shards: packing, epoch shuffles, blends."""
+"""Training and validation samples over MMIDIDX shards: packing, document and epoch shuffles,
+blends."""
 
+from .documents import DocumentTable, ShuffledDocumentSamples
 from .sampling import (
     Blend,
     SampleSource,
-    ShuffledSamples,
     ValidationSamples,
     build_train_samples,
     build_validation_samples,
@@ -13,14 +14,22 @@ from .sampling import (
     rank_batch_indices,
     source_seed,
 )
-from .stream import DataDirError, PackedSequences, TokenStream, load_split, read_manifest
+from .stream import (
+    DataDirError,
+    PackedSequences,
+    TokenStream,
+    load_split,
+    load_split_documents,
+    read_manifest,
+)
 
 __all__ = [
     "Blend",
     "DataDirError",
     "PackedSequences",
     "SampleSource",
-    "ShuffledSamples",
+    "DocumentTable",
+    "ShuffledDocumentSamples",
     "TokenStream",
     "ValidationSamples",
     "build_train_samples",
@@ -28,6 +37,7 @@ __all__ = [
     "configured_sources",
     "largest_remainder",
     "load_split",
+    "load_split_documents",
     "micro_batch",
     "rank_batch_indices",
     "read_manifest",

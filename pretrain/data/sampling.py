@@ -6,14 +6,20 @@ sample 10^9 reads exactly what an uninterrupted run would have read, and nothing
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from .stream import DataDirError, PackedSequences, load_split
+from .documents import DocumentTable, ShuffledDocumentSamples
+from .stream import (
+    DataDirError,
+    PackedSequences,
+    TokenStream,
+    load_split,
+    load_split_documents,
+)
 
 
 class SampleSource(Protocol):
@@ -34,45 +40,6 @@ def _check_index(g: int) -> int:
     if g < 0:
         raise IndexError(f"sample index must be non-negative, got {g}")
     return int(g)
-
-
-class ShuffledSamples:
-    """An endless sequence over epochs of `packed`: index g reads packed sample perm_e[g % n].
-
-    e = g // n and perm_e = np.random.default_rng([seed, e]).permutation(n), so every epoch is a
-    fresh permutation, determined by (seed, e) alone. The last `cache_epochs` are kept.
-    """
-
-    def __init__(self, packed: PackedSequences, seed: int, cache_epochs: int = 2) -> None:
-        self.packed = packed
-        self.seed = _check_seed(seed)
-        self.seq_length = packed.seq_length
-        self.epoch_size = len(packed)
-        self._cache_epochs = max(1, int(cache_epochs))
-        self._permutations: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """Epoch `epoch`'s order of packed samples (equal to rng.permutation(n), smaller dtype)."""
-        perm = self._permutations.get(epoch)
-        if perm is None:
-            n = self.epoch_size
-            # Shuffling an int32/int64 arange draws the same numbers as permutation(n).
-            dtype = np.int32 if n <= np.iinfo(np.int32).max else np.int64
-            perm = np.random.default_rng([self.seed, epoch]).permutation(np.arange(n, dtype=dtype))
-            self._permutations[epoch] = perm
-            while len(self._permutations) > self._cache_epochs:
-                self._permutations.popitem(last=False)
-        else:
-            self._permutations.move_to_end(epoch)
-        return perm
-
-    def index(self, g: int) -> int:
-        """The packed sample that global index g reads."""
-        epoch, position = divmod(_check_index(g), self.epoch_size)
-        return int(self.permutation(epoch)[position])
-
-    def sample(self, g: int) -> np.ndarray:
-        return self.packed.sample(self.index(g))
 
 
 class ValidationSamples:
@@ -212,13 +179,8 @@ def source_seed(seed: int, source: int) -> int:
     return int(np.random.SeedSequence([_check_seed(seed), source]).generate_state(1)[0])
 
 
-def _open_split(
-    paths_and_weights: Sequence[tuple[str | Path, float]], split: str, seq_length: int
-) -> list[PackedSequences]:
-    """Packed sequences of `split` of every directory, which must all share one tokenizer."""
-    if not paths_and_weights:
-        raise ValueError("at least one data directory is needed")
-    streams = [(Path(path), load_split(path, split)) for path, _ in paths_and_weights]
+def _same_tokenizer(streams: Sequence[tuple[Path, TokenStream]]) -> None:
+    """Blended data directories must share one tokenizer."""
     first_path, first = streams[0]
     for path, stream in streams[1:]:
         if (stream.vocab_size, stream.eos_id) != (first.vocab_size, first.eos_id):
@@ -227,6 +189,16 @@ def _open_split(
                 f"{stream.eos_id} but {first_path} has {first.vocab_size} and {first.eos_id}; "
                 "blended data directories must share one tokenizer"
             )
+
+
+def _open_split(
+    paths_and_weights: Sequence[tuple[str | Path, float]], split: str, seq_length: int
+) -> list[PackedSequences]:
+    """Packed sequences of `split` of every directory, in corpus order."""
+    if not paths_and_weights:
+        raise ValueError("at least one data directory is needed")
+    streams = [(Path(path), load_split(path, split)) for path, _ in paths_and_weights]
+    _same_tokenizer(streams)
     return [PackedSequences(stream, seq_length) for _, stream in streams]
 
 
@@ -242,9 +214,18 @@ def configured_sources(data) -> list[tuple[str, float]]:
 def build_train_samples(
     paths_and_weights: Sequence[tuple[str | Path, float]], seq_length: int, seed: int
 ) -> Blend:
-    """Training samples: each directory's train split shuffled per epoch, blended by weight."""
-    packed = _open_split(paths_and_weights, "train", seq_length)
-    sources = [ShuffledSamples(p, source_seed(seed, i)) for i, p in enumerate(packed)]
+    """Training samples: each directory's train split, documents then sequences shuffled per
+    epoch (`ShuffledDocumentSamples`), blended by weight."""
+    if not paths_and_weights:
+        raise ValueError("at least one data directory is needed")
+    loaded = [(Path(path), *load_split_documents(path, "train")) for path, _ in paths_and_weights]
+    _same_tokenizer([(path, stream) for path, stream, _, _ in loaded])
+    sources = [
+        ShuffledDocumentSamples(
+            stream, DocumentTable.of(lengths, passes), seq_length, source_seed(seed, index)
+        )
+        for index, (_, stream, lengths, passes) in enumerate(loaded)
+    ]
     return Blend(sources, [w for _, w in paths_and_weights], seed)
 
 

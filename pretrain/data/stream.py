@@ -78,21 +78,33 @@ def read_manifest(data_dir: str | Path) -> dict:
 
 def load_split(data_dir: str | Path, split: str) -> TokenStream:
     """All shards of `split` ("train" or "valid") of a data directory, in manifest order."""
+    return load_split_documents(data_dir, split)[0]
+
+
+def load_split_documents(data_dir: str | Path, split: str) -> tuple[TokenStream, np.ndarray, list]:
+    """The split's token stream, the length of each of its documents (a Megatron document may
+    span several sequences), and the documents of each pass over the corpus order that the
+    manifest records (`passes`; None for data prepared without weights' passes)."""
     directory = Path(data_dir)
     manifest = read_manifest(directory)
     names = [s["name"] for s in manifest["shards"] if s.get("split") == split]
     if not names:
         raise DataDirError(f"{directory / MANIFEST} lists no shards of split {split!r}")
-    parts = []
+    parts, lengths = [], []
     for name in names:
         prefix = directory / name
         if not shard_exists(prefix):
             raise DataDirError(
                 f"{directory / MANIFEST} lists shard {name} but {prefix}.bin/.idx are missing"
             )
-        parts.append(ShardReader(prefix).token_stream())
+        reader = ShardReader(prefix)
+        parts.append(reader.token_stream())
+        sequences = np.concatenate(([0], np.cumsum(reader.sequence_lengths, dtype=np.int64)))
+        lengths.append(np.diff(sequences[reader.document_indices]))
     tokenizer = manifest["tokenizer"]
-    return TokenStream(parts, eos_id=tokenizer["eos_id"], vocab_size=tokenizer["vocab_size"])
+    stream = TokenStream(parts, eos_id=tokenizer["eos_id"], vocab_size=tokenizer["vocab_size"])
+    passes = (manifest.get("passes") or {}).get(split)
+    return stream, np.concatenate(lengths), passes
 
 
 class PackedSequences:
