@@ -168,7 +168,6 @@ def main() -> None:
 def explain(manifest: dict, kiln_seconds: float, raw_rate: float) -> None:
     """Where Kiln's wall time goes, against what raw encoding of the written tokens would take."""
     stages = manifest["timings_s"]
-    tokenized = next(s for s in manifest["steps"] if s["step"] == "tokenize")["tokens"]
     written = sum(s["tokens"] for s in manifest["shards"])
     outside = kiln_seconds - sum(stages.values())
     print("where the time goes (s):")
@@ -177,11 +176,10 @@ def explain(manifest: dict, kiln_seconds: float, raw_rate: float) -> None:
         f"  Ray start {stages.get('ray_start', 0):.1f}; process start, imports, Ray shutdown "
         f"{outside:.1f}"
     )
-    print(f"  read + normalise + filter {stages['read_clean_filter']:.1f}")
+    print(f"  read + normalise + filter + MinHash {stages['read_clean_filter']:.1f}")
     print(
-        f"  tokenise + MinHash {stages['tokenize']:.1f} for {tokenized:,} tokens "
-        f"({tokenized / stages['tokenize'] / raw_rate:.2f} of raw's tokens/s; "
-        f"{tokenized - written:,} of them not written: near duplicates)"
+        f"  tokenise (survivors of dedup only) {stages['tokenize']:.1f} for {written:,} tokens "
+        f"({written / stages['tokenize'] / raw_rate:.2f} of raw's tokens/s)"
     )
     rest = sum(
         v for k, v in stages.items() if k not in ("ray_start", "read_clean_filter", "tokenize")

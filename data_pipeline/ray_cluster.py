@@ -46,7 +46,6 @@ def ray_session(address: str | None, work: Path) -> Iterator[RayCluster]:
         check_address(address)
         use_ray_token_auth_if_available()  # before importing ray, which reads it at import
     import ray
-    import ray.data
 
     logging.getLogger("ray").setLevel(logging.ERROR)  # Kiln reports progress and errors itself
     started = False
