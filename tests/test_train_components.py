@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from pretrain.config import ModelConfig, load_config
 from pretrain.config.schema import OptimConfig, WandbConfig
 from pretrain.model.sizing import count_parameters, padded_vocab_size
 from pretrain.sampling import sample_next
+from pretrain.train.checkpoint import CheckpointManager, tag_of
 from pretrain.train.flops import flops_per_token, matmul_parameters, mfu, peak_flops
 from pretrain.train.schedule import lr_at, lr_lambda
 from pretrain.train.tracking import MetricsLog, WandbTracker
 from tests.conftest import CONFIGS
+from tests.distributed import run_ranks
 
 # ---------------------------------------------------------------- schedule
 
@@ -338,3 +342,53 @@ def test_sampling_is_deterministic_with_a_seeded_generator():
 def test_invalid_sampling_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sample_next(logits(), **{"temperature": 1.0, **kwargs})
+
+
+# ---------------------------------------------------------------- checkpoint manager
+
+
+def test_a_save_is_due_every_interval_and_on_stopping_but_never_twice():
+    manager = CheckpointManager(Path("/nonexistent"), keep=2, interval=3)
+    assert [s for s in range(1, 10) if manager.due(s, last_saved=None)] == [3, 6, 9]
+    assert manager.due(4, last_saved=3, stopping=True)
+    assert not manager.due(6, last_saved=6, stopping=True)  # already saved at this step
+    at_end = CheckpointManager(Path("/nonexistent"), keep=2, interval=0)
+    assert not any(at_end.due(s, last_saved=None) for s in range(1, 10))
+    assert at_end.due(9, last_saved=None, stopping=True)
+
+
+def fake_checkpoint(run_dir: Path, step: int) -> None:
+    path = run_dir / "checkpoints" / tag_of(step)
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (run_dir / "checkpoints" / "latest").write_text(tag_of(step) + "\n")
+
+
+def agreed_tags(rank: int, world: int, views: list[str]) -> list[str | None]:
+    """Each rank's run directory is its own view of shared storage; all must agree."""
+    import torch.distributed as dist
+
+    found = CheckpointManager(Path(views[rank]), keep=2).agreed_latest()
+    tags: list[str | None] = [None] * world
+    dist.all_gather_object(tags, found.name if found else None)
+    return tags
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_sees(tmp_path):
+    # Rank 1's node has not seen the newest `latest` yet (a lagging view of shared storage):
+    # both checkpoints exist there, but its pointer still names the older one.
+    views = [tmp_path / "rank0", tmp_path / "rank1"]
+    fake_checkpoint(views[0], 3)
+    fake_checkpoint(views[0], 6)
+    fake_checkpoint(views[1], 6)
+    fake_checkpoint(views[1], 3)
+    assert CheckpointManager(views[1], keep=2).latest().name == tag_of(3)
+    tags = run_ranks(agreed_tags, 2, tmp_path, [str(v) for v in views])
+    assert tags == [tag_of(6), tag_of(6)]
+
+
+def test_a_rank_that_cannot_see_rank_0s_checkpoint_says_so(tmp_path):
+    views = [tmp_path / "rank0", tmp_path / "rank1"]
+    fake_checkpoint(views[0], 6)
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 does not see checkpoint"):
+        run_ranks(agreed_tags, 2, tmp_path, [str(v) for v in views])

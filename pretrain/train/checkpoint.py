@@ -88,17 +88,45 @@ def tag_of(step: int) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep: int) -> None:
+    def __init__(self, run_dir: Path, keep: int, interval: int = 0) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self.interval = interval
+
+    def due(self, step: int, last_saved: int | None, stopping: bool = False) -> bool:
+        """Whether the loop should save after `step`: every `interval` steps, and when the run
+        stops (a signal or the last step), unless `step` is already saved."""
+        if step == last_saved:
+            return False
+        return stopping or bool(self.interval and step % self.interval == 0)
 
     # -- reading ---------------------------------------------------------------------------
     def latest(self) -> Path | None:
+        """The latest complete checkpoint as this process sees it (for messages)."""
         return latest_checkpoint(self.root)
 
+    def agreed_latest(self) -> Path | None:
+        """The latest checkpoint as rank 0 sees it, the same tag on every rank: nodes can see
+        shared storage at different moments, and a run resumed from two tags would diverge."""
+        path = self.latest() if not dist.is_initialized() or dist.get_rank() == 0 else None
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return path
+        tag = [path.name if path is not None else None]
+        dist.broadcast_object_list(tag, src=0)
+        if tag[0] is None:
+            return None
+        agreed = self.root / tag[0]
+        if not (agreed / "trainer_state.json").is_file():
+            raise CheckpointError(
+                f"rank {dist.get_rank()} does not see checkpoint {agreed}, which rank 0 resumes "
+                "from: the run directory must be on storage every node mounts"
+            )
+        return agreed
+
     def resume(self, cfg) -> Resume | None:
-        """The latest checkpoint and how to load it; None when the run starts afresh."""
-        path = self.latest()
+        """The latest checkpoint (rank 0's `latest`, on every rank) and how to load it; None
+        when the run starts afresh."""
+        path = self.agreed_latest()
         if path is None:
             return None
         layout_file = path / "model" / "layout.json"

@@ -177,7 +177,7 @@ class Trainer:
         layout = Layout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data)
         self.parallel = setup_parallel(layout, device)
         self.data = TrainingData(cfg, self.parallel.coordinates.data)
-        self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
+        self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.interval)
         self.resume = self.checkpoints.resume(cfg)
         initial = None
         if self.resume is not None and self.resume.reshard:
@@ -279,8 +279,7 @@ class Trainer:
             if state.step % cfg.logging.interval == 0 or "val_loss" in values:
                 report.say(format_line(state.step, cfg.train.steps, values))
             stopping = stop.agreed(self.parallel.device)
-            interval = cfg.checkpoint.interval
-            if stopping or (interval and state.step % interval == 0):
+            if self.checkpoints.due(state.step, last_saved, stopping):
                 self.save(state, report)
                 last_saved = state.step
             if stopping:
@@ -289,7 +288,7 @@ class Trainer:
                     f"{state.step}; run the same command again to resume"
                 )
                 return EXIT_OK
-        if last_saved != state.step:
+        if self.checkpoints.due(state.step, last_saved, stopping=True):
             self.save(state, report)
         if cfg.eval.interval and state.step % cfg.eval.interval:
             val = self.evaluate()
