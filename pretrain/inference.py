@@ -56,7 +56,7 @@ def load_model(path: Path) -> LoadedModel:
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{checkpoint}: no tokenizer.json beside the weights")
     single_process_group()
-    model = Transformer(cfg.model, tensor=1, seed=cfg.train.seed)
+    model = Transformer(cfg.model, tensor=1, seed=cfg.train.seed, initialize=False)
     load_weights(model, checkpoint_weights(checkpoint, cfg.model.vocab_size))
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     eos = tokenizer.token_to_id(cfg.tokenizer.eos_token)

@@ -148,3 +148,25 @@ def test_tensor_parallel_equals_one_process(tmp_path, name):
         torch.testing.assert_close(
             two["grads"][parameter][rows], grad[rows], rtol=1e-5, atol=1e-6, msg=parameter
         )
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gpt-gqa-untied"])
+def test_a_model_built_to_be_loaded_draws_no_random_weights(single_rank, name, monkeypatch):
+    """A resume (and eval, generate, export) loads every weight next: drawing the random
+    initialisation first would cost minutes at 7B. Same shapes, no draws."""
+    draws = []
+    real = torch.nn.init.normal_
+
+    def counting(tensor, *args, **kwargs):
+        draws.append(tuple(tensor.shape))
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", counting)
+    model = Transformer(ModelConfig(**VARIANTS[name]), tensor=1, seed=0, initialize=False)
+    # Only torch's own nn.Embedding draws in its constructor (GPT's small position table).
+    positions = (BASE["max_seq_length"], BASE["hidden_size"])
+    assert draws == ([] if name.startswith("llama") else [positions])
+    drawn = build(name)
+    assert len(draws) > 3  # the default path draws every weight, through the same function
+    shapes = {n: p.shape for n, p in drawn.named_parameters()}
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes

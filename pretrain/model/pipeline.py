@@ -69,8 +69,10 @@ def norm_spec(model: ModelConfig, seed: int) -> LayerSpec:
     return SeededLayerSpec(seed, index, nn.LayerNorm, model.hidden_size, eps=model.norm_eps)
 
 
-def layer_specs(model: ModelConfig, tensor: int, seed: int, dtype: torch.dtype) -> list:
-    parallel = parallel_config(tensor, dtype)
+def layer_specs(
+    model: ModelConfig, tensor: int, seed: int, dtype: torch.dtype, initialize: bool = True
+) -> list:
+    parallel = parallel_config(tensor, dtype, initialize)
     layers = model.num_layers
     if model.tie_embeddings:
         first = SeededTiedLayerSpec(seed, 0, TIED_KEY, Embedding, model, parallel)
@@ -98,12 +100,14 @@ def build_pipeline(
     partition: str,
     checkpoint_blocks: bool,
     loss_fn=None,
+    initialize: bool = True,
 ) -> PipelineModule:
     """The pipeline model; `loss_fn(logits, targets)` runs on the last stage (default: the
-    mean cross entropy over the real vocabulary)."""
+    mean cross entropy over the real vocabulary). `initialize=False`: weights left undrawn,
+    for a resume that loads them next."""
     tensor = topology.get_dim("model")
     return PipelineModule(
-        layers=layer_specs(model, tensor, seed, dtype),
+        layers=layer_specs(model, tensor, seed, dtype, initialize),
         topology=topology,
         loss_fn=loss_fn or partial(vocabulary_loss, vocab_size=model.vocab_size),
         partition_method=partition,

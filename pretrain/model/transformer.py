@@ -64,10 +64,16 @@ def residual_projection(
     )
 
 
-def parallel_config(tensor: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
-    """megatron-core's layer settings: weights drawn whole on the CPU, then sliced per rank."""
+def parallel_config(
+    tensor: int, dtype: torch.dtype = torch.float32, initialize: bool = True
+) -> ModelParallelConfig:
+    """megatron-core's layer settings: weights drawn whole on the CPU, then sliced per rank;
+    `initialize=False` leaves them undrawn, for a model whose weights are loaded next."""
     return ModelParallelConfig(
-        tensor_model_parallel_size=tensor, use_cpu_initialization=True, params_dtype=dtype
+        tensor_model_parallel_size=tensor,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        perform_initialization=initialize,
     )
 
 
@@ -223,7 +229,8 @@ class Embedding(nn.Module):
         self.positions = None
         if model.arch == "gpt":  # drawn first: the token rows drawn next depend on T's padding
             self.positions = nn.Embedding(model.max_seq_length, model.hidden_size)
-            normal_init(model.init_std)(self.positions.weight)
+            if parallel.perform_initialization:
+                normal_init(model.init_std)(self.positions.weight)
         vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
         self.tokens = tensor_parallel.VocabParallelEmbedding(
             vocab, model.hidden_size, init_method=normal_init(model.init_std), config=parallel
@@ -318,9 +325,10 @@ class Transformer(nn.Module):
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         checkpoint_blocks: bool = False,
+        initialize: bool = True,
     ) -> None:
         super().__init__()
-        parallel = parallel_config(tensor, dtype)
+        parallel = parallel_config(tensor, dtype, initialize)
         layers = model.num_layers
         self.config = model
         self.checkpoint_blocks = checkpoint_blocks

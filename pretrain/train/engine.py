@@ -78,10 +78,15 @@ class PipelineLoss:
 class TrainEngine:
     """DeepSpeed's engine, the guarded optimizer and the parallel layout, behind two calls.
     `initial`: a checkpoint written by another layout, whose weights and Adam state this
-    engine starts from (sliced for this rank); `optimizer_restored` says if Adam's was there."""
+    engine starts from (sliced for this rank); `optimizer_restored` says if Adam's was there.
+    `initialize=False` skips drawing the random initial weights: a resume loads them next."""
 
     def __init__(
-        self, cfg: KilnConfig, parallel: Parallel, initial: LayoutIndependentState | None = None
+        self,
+        cfg: KilnConfig,
+        parallel: Parallel,
+        initial: LayoutIndependentState | None = None,
+        initialize: bool = True,
     ) -> None:
         import deepspeed
 
@@ -100,6 +105,7 @@ class TrainEngine:
                 partition=cfg.parallel.pipeline_partition,
                 checkpoint_blocks=cfg.train.activation_checkpointing,
                 loss_fn=self.loss_fn,
+                initialize=initialize,
             )
         else:
             module = Transformer(
@@ -108,6 +114,7 @@ class TrainEngine:
                 seed=cfg.train.seed,
                 dtype=dtype,
                 checkpoint_blocks=cfg.train.activation_checkpointing,
+                initialize=initialize,
             )
         tensor_rank, tensor_size = parallel.coordinates.tensor, parallel.layout.tensor
         if initial is not None:
