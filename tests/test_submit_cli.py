@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,42 @@ def test_runs_status_and_report_of_a_finished_run(data, tmp_path):
     for name in ("loss.png", "lr.png", "tokens_per_s.png", "grad_norm.png"):
         assert (run_dir / "report" / name).read_bytes()[:4] == b"\x89PNG"
     assert "Steps: 10 / 10" in (run_dir / "report" / "report.md").read_text()
+
+
+def test_the_stop_lead_time_is_sized_to_the_last_save(tmp_path):
+    from cluster.grace import FLOOR_S, k8s_grace_period, slurm_signal_lead
+
+    assert slurm_signal_lead(tmp_path).seconds == k8s_grace_period(tmp_path).seconds == FLOOR_S
+    record = tmp_path / "checkpoints" / "last_save.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps({"step": 300, "save_s": 140.2, "step_s": 9.5}))
+    # 2 x (140.2 + 9.5) rounded up, + 30 s margin; Slurm's signal may come 30 s late.
+    assert k8s_grace_period(tmp_path).seconds == 300 + 30
+    assert slurm_signal_lead(tmp_path).seconds == 300 + 30 + 30
+    assert "a save 140.2 s" in k8s_grace_period(tmp_path).reason
+    record.write_text(json.dumps({"step": 5, "save_s": 1.0, "step_s": 0.5}))
+    assert k8s_grace_period(tmp_path).seconds == FLOOR_S  # a quick save gets the floor
+    record.write_text("{not json")
+    lead = k8s_grace_period(tmp_path)
+    assert lead.seconds == FLOOR_S and "unreadable" in lead.reason
+
+
+def test_a_resubmitted_run_gets_a_lead_time_for_its_saves(data, tmp_path):
+    run_dir = tmp_path / "tiny"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last_save.json").write_text(
+        json.dumps({"step": 300, "save_s": 400.0, "step_s": 20.0})
+    )
+    result = submit(run_dir, data, "--scheduler", "slurm", "--procs-per-node", "2",
+                    "--time", "04:00:00")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --signal=B:USR1@900" in (run_dir / "slurm.sbatch").read_text()
+    assert "stop signal 900 s before the time limit" in result.stdout
+    result = submit(run_dir, data, "--scheduler", "k8s", "--nodes", "2", "--gpus-per-node",
+                    "2", "--image", "example/kiln:1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job = yaml.safe_load((run_dir / "pytorchjob.yaml").read_text())
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 870
+    assert "--shutdown-timeout=870" in pod["containers"][0]["args"]
+    assert "grace period 870 s" in result.stdout

@@ -176,3 +176,12 @@ def test_invalid_runs_fail_before_any_process_starts(data, tmp_path, override, m
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     assert not run_dir.exists()
+
+
+def test_every_save_records_how_long_it_took_for_the_schedulers(runs):
+    from cluster.grace import k8s_grace_period
+
+    run_dir = runs("single")
+    record = json.loads((run_dir / "checkpoints" / "last_save.json").read_text())
+    assert record["step"] == 10 and record["save_s"] > 0 and record["step_s"] > 0
+    assert "at step 10 a step took" in k8s_grace_period(run_dir).reason

@@ -104,17 +104,21 @@ def _submit_to(args: argparse.Namespace) -> int:
     if args.scheduler == "local":
         return _submit_local(plan, args.dry_run)
     if args.scheduler == "slurm":
+        from cluster.grace import slurm_signal_lead
         from cluster.slurm.batch import SlurmOptions, submit, write_script
 
+        lead = slurm_signal_lead(run_dir)
         options = SlurmOptions(
             job_name=f"kiln-{run_dir.name}",
             partition=args.partition,
             time=args.time,
             account=args.account,
             python=sys.executable,
+            signal_before_limit_s=lead.seconds,
         )
         script = write_script(plan, options)
         print(f"batch script: {script}")
+        print(f"stop signal {lead.seconds} s before the time limit ({lead.reason})")
         if args.dry_run:
             return 0
         job_id = submit(script)
@@ -146,6 +150,7 @@ def _submit_local(plan, dry_run: bool) -> int:
 
 
 def _submit_k8s(args, cfg, plan, run_dir: Path) -> str | None:
+    from cluster.grace import k8s_grace_period
     from cluster.k8s.manifest import (
         job_name,
         kubectl_apply,
@@ -162,6 +167,7 @@ def _submit_k8s(args, cfg, plan, run_dir: Path) -> str | None:
     # The volume is mounted where this machine sees the run directory's parent, so that the
     # run directory and absolute data paths mean the same inside the pods.
     mount = str(run_dir.parent)
+    grace = k8s_grace_period(run_dir)
     manifest = pytorchjob_manifest(
         name=name,
         image=args.image,
@@ -170,7 +176,8 @@ def _submit_k8s(args, cfg, plan, run_dir: Path) -> str | None:
         procs_per_node=plan.procs_per_node,
         run_dir=f"{mount}/{run_dir.name}",
         command_args=[
-            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
+            # torchrun passes SIGTERM on, then waits this long before killing the ranks.
+            f"--shutdown-timeout={max(SHUTDOWN_TIMEOUT_S, grace.seconds)}",
             "-m",
             RANK_MODULE,
             "--run-dir",
@@ -182,9 +189,11 @@ def _submit_k8s(args, cfg, plan, run_dir: Path) -> str | None:
         volume_claim=args.volume_claim,
         namespace=args.namespace,
         mount_path=mount,
+        grace_period_s=grace.seconds,
     )
     path = write_manifest(manifest, run_dir / "pytorchjob.yaml")
     print(f"manifest: {path} (apply with: kubectl apply -f {path})")
+    print(f"grace period {grace.seconds} s between SIGTERM and SIGKILL ({grace.reason})")
     if args.dry_run:
         return None
     result = kubectl_apply(path)

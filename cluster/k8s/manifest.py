@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from cluster.grace import FLOOR_S
+
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
 CONTAINER_NAME = "pytorch"  # the operator finds the training container by this name
@@ -132,6 +134,7 @@ def _pod_template(
     resources: dict[str, Any],
     volume_claim: str | None,
     mount_path: str,
+    grace_period_s: int,
 ) -> dict[str, Any]:
     """The pod template of every replica."""
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
@@ -154,7 +157,12 @@ def _pod_template(
     return {
         # Istio sidecars (injected in many Kubeflow namespaces) break pod-to-pod NCCL/gloo.
         "metadata": {"labels": dict(labels), "annotations": {"sidecar.istio.io/inject": "false"}},
-        "spec": {"containers": [container], "volumes": volumes},
+        "spec": {
+            "containers": [container],
+            "volumes": volumes,
+            # Time between SIGTERM and SIGKILL: enough to finish the step and save.
+            "terminationGracePeriodSeconds": grace_period_s,
+        },
     }
 
 
@@ -172,6 +180,7 @@ def pytorchjob_manifest(
     volume_claim: str | None,
     namespace: str = "default",
     mount_path: str = "/runs",
+    grace_period_s: int = FLOOR_S,
 ) -> dict[str, Any]:
     """The PyTorchJob of a run: one pod per node, `gpus_per_node or procs_per_node` ranks each,
     the run directory on the claim `volume_claim` mounted at `mount_path` on every pod."""
@@ -184,7 +193,9 @@ def pytorchjob_manifest(
     job = job_name(name)
     labels = {"app.kubernetes.io/name": "kiln", "kiln/run": job}
     resources = _resources(gpus_per_node, cpu, memory)
-    template = _pod_template(labels, image, command_args, env, resources, volume_claim, mount_path)
+    template = _pod_template(
+        labels, image, command_args, env, resources, volume_claim, mount_path, grace_period_s
+    )
     replica_counts = {"Master": 1, "Worker": nodes - 1}
     replicas = {
         # A copy each: objects shared between replicas would become YAML anchors and aliases.

@@ -1,9 +1,10 @@
 """Slurm: the batch script of a training run, and sbatch/squeue/scontrol/sacct/scancel.
 
 The script asks for N nodes with one task each, finds the head node in Slurm's node list, and
-`srun` starts one torchrun per node (the launch plan's per-node command). Ninety seconds (by
-default) before the time limit Slurm sends USR1 to the batch shell (`--signal=B:USR1@90`; it
-checks every 30 s, so the signal comes 60-90 s early); the script sends SIGTERM to the job
+`srun` starts one torchrun per node (the launch plan's per-node command). Before the time limit
+(`cluster.grace`: 90 s for a new run, more when its last save took long) Slurm sends USR1 to
+the batch shell (`--signal=B:USR1@N`; it checks every 30 s, so the signal comes up to 30 s
+late); the script sends SIGTERM to the job
 step's processes (`scancel --signal=TERM`), training saves a checkpoint and exits, and the
 script requeues the job, which resumes from that checkpoint when it starts again. A preempted job
 (PreemptMode=REQUEUE) gets SIGTERM from Slurm directly, checkpoints the same way, and is

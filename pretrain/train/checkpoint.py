@@ -14,6 +14,7 @@ half-written under a final name.
         config.yaml, tokenizer.json
                                  the resolved configuration and the run's tokenizer
       .staging/                  a checkpoint being written
+      last_save.json             the last save's step and seconds, and the step's seconds
 
 Every rank writes into `.staging/<tag>`; after a barrier rank 0 renames the directory into
 place and only then points `latest` at it, so a crash at any moment leaves the previous
@@ -31,6 +32,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from data_pipeline import atomic
 
 from .weights import CheckpointError, save_layout_independent
 
+SAVE_RECORD = "last_save.json"  # how long the last save took; `cluster.grace` reads it
 FAULT_ENV = "KILN_TEST_FAULT"  # fault injection for the crash tests, see fault_active
 
 
@@ -157,8 +160,17 @@ class CheckpointManager:
 
     # -- writing ---------------------------------------------------------------------------
     def save(
-        self, train_engine, state: TrainerState, config_yaml: str, reshardable: bool = True
+        self,
+        train_engine,
+        state: TrainerState,
+        config_yaml: str,
+        reshardable: bool = True,
+        step_seconds: float = 0.0,
     ) -> Path:
+        """Write the checkpoint of `state` and make it the latest; record how long the save
+        and the step before it took (`last_save.json`, read by `kiln submit` to size the
+        schedulers' stop lead time, see `cluster.grace`)."""
+        started = time.perf_counter()
         rank = dist.get_rank()
         tag = tag_of(state.step)
         staging = self.root / ".staging"
@@ -187,6 +199,13 @@ class CheckpointManager:
             atomic.write_text(self.root / "latest", tag + "\n")
             self._prune()
         dist.barrier()
+        if rank == 0:
+            record = {
+                "step": state.step,
+                "save_s": round(time.perf_counter() - started, 3),
+                "step_s": round(step_seconds, 3),
+            }
+            atomic.write_json(self.root / SAVE_RECORD, record)
         return final
 
     def _prune(self) -> None:

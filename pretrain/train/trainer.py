@@ -182,9 +182,11 @@ class Trainer:
         initial = None
         if self.resume is not None and self.resume.reshard:
             initial = LayoutIndependentState(self.resume.checkpoint, cfg.model.vocab_size)
-        self.engine = TrainEngine(cfg, self.parallel, initial)
+        # A resume loads every weight, so the random initialisation is not drawn first.
+        self.engine = TrainEngine(cfg, self.parallel, initial, initialize=self.resume is None)
         self.config_yaml = dump_config(cfg)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        self.last_step_s = 0.0  # recorded with each save: a stop needs a step and a save
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length, layout.tensor)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self.peak = peak_flops(device_name, cfg.train.precision)
@@ -249,6 +251,7 @@ class Trainer:
             batches = self.data.batches(state.consumed_samples)
             result = self.engine.train_step(batches, lr, poison)
             elapsed = time.perf_counter() - started
+            self.last_step_s = elapsed
             state.step += 1
             state.consumed_samples += cfg.train.global_batch_size
             values = self._step_metrics(result, lr, elapsed)
@@ -301,7 +304,11 @@ class Trainer:
 
     def save(self, state: TrainerState, report: Reporter) -> None:
         path = self.checkpoints.save(
-            self.engine, state, self.config_yaml, self.cfg.checkpoint.reshardable
+            self.engine,
+            state,
+            self.config_yaml,
+            self.cfg.checkpoint.reshardable,
+            step_seconds=self.last_step_s,
         )
         report.say(f"step {state.step}: saved {path}")
 
