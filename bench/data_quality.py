@@ -30,8 +30,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from stdlib_text import stdlib_paragraphs  # noqa: E402  (bench/, beside this script)
+
 from data_pipeline.config import NearDedupConfig  # noqa: E402
-from data_pipeline.readers import stdlib_corpus_files  # noqa: E402
 from data_pipeline.steps.dedup import (  # noqa: E402
     MinHasher,
     candidate_pairs,
@@ -46,13 +47,7 @@ KINDS = ("edit 1%", "edit 3%", "edit 5%", "edit 10%", "re-wrapped", "re-indented
 def paragraphs(rng: random.Random) -> list[str]:
     """Distinct paragraphs of up to 400 words, shuffled: each is used by one document only, so
     that bases and negatives are unrelated except where the benchmark makes a variant."""
-    pool: dict[str, None] = {}
-    for path in stdlib_corpus_files():
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        pool.update((p, None) for p in text.split("\n\n") if 8 < len(p.split()) <= 400)
+    pool = dict.fromkeys(p for p in stdlib_paragraphs() if 8 < len(p.split()) <= 400)
     shuffled = list(pool)
     rng.shuffle(shuffled)
     return shuffled

@@ -40,22 +40,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.readers import stdlib_corpus_files  # noqa: E402
+from stdlib_text import EVERY_RULE, paragraphs  # noqa: E402  (bench/, beside this script)
 
 FILE_MB = 10
 CLUSTER_CPUS = 32 * 64
 TERABYTE_MB = 1e6
-
-
-def paragraphs() -> list[str]:
-    pool = []
-    for path in stdlib_corpus_files():
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        pool.extend(p for p in text.split("\n\n") if len(p) > 40)
-    return pool
 
 
 def generate(directory: Path, megabytes: int, pool: list[str], seed: int = 0) -> int:
@@ -100,23 +89,7 @@ def config(corpus: Path, output: Path) -> dict:
             "path": str(output),
             "inputs": [str(corpus)],
             "part_size_mb": 1,
-            # Every rule on, at thresholds that keep source code and prose.
-            "filters": {
-                "min_words": 20,
-                "max_words": 1_000_000,
-                "min_mean_word_length": 1.0,
-                "max_mean_word_length": 30.0,
-                "max_symbol_word_ratio": 1.0,
-                "max_bullet_lines_ratio": 0.95,
-                "max_ellipsis_lines_ratio": 0.5,
-                "min_alpha_words_ratio": 0.3,
-                "max_duplicate_line_fraction": 0.6,
-                "max_duplicate_paragraph_fraction": 0.6,
-                "max_duplicate_line_char_fraction": 0.6,
-                "max_duplicate_paragraph_char_fraction": 0.6,
-                "max_top_ngram_char_fraction": {2: 0.5, 3: 0.5, 4: 0.5},
-                "max_duplicate_ngram_char_fraction": {n: 0.8 for n in range(5, 11)},
-            },
+            "filters": EVERY_RULE,
             "shards": {"max_tokens": 50_000_000, "validation_fraction": 0.01},
         },
         "tokenizer": {"vocab_size": 8192, "train_sample_mb": 2},

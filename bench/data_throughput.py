@@ -34,20 +34,10 @@ from tokenizers import Tokenizer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from stdlib_text import EVERY_RULE, paragraphs  # noqa: E402  (bench/, beside this script)
+
 from data_pipeline.config import TokenizerConfig  # noqa: E402
-from data_pipeline.readers import stdlib_corpus_files  # noqa: E402
 from data_pipeline.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
-
-
-def paragraphs() -> list[str]:
-    pool = []
-    for path in stdlib_corpus_files():
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        pool.extend(p for p in text.split("\n\n") if len(p) > 40)
-    return pool
 
 
 def generate(directory: Path, megabytes: int, seed: int = 0) -> list[str]:
@@ -91,23 +81,7 @@ def kiln_config(corpus: Path, tokenizer: Path, output: Path) -> dict:
         "data": {
             "path": str(output),
             "inputs": [str(corpus)],
-            # Every rule on, at thresholds that keep source code and prose.
-            "filters": {
-                "min_words": 20,
-                "max_words": 1_000_000,
-                "min_mean_word_length": 1.0,
-                "max_mean_word_length": 30.0,
-                "max_symbol_word_ratio": 1.0,
-                "max_bullet_lines_ratio": 0.95,
-                "max_ellipsis_lines_ratio": 0.5,
-                "min_alpha_words_ratio": 0.3,
-                "max_duplicate_line_fraction": 0.6,
-                "max_duplicate_paragraph_fraction": 0.6,
-                "max_duplicate_line_char_fraction": 0.6,
-                "max_duplicate_paragraph_char_fraction": 0.6,
-                "max_top_ngram_char_fraction": {2: 0.5, 3: 0.5, 4: 0.5},
-                "max_duplicate_ngram_char_fraction": {n: 0.8 for n in range(5, 11)},
-            },
+            "filters": EVERY_RULE,
             "dedup": {"exact": {"enabled": True}, "near": {"enabled": True}},
             "shards": {"max_tokens": 50_000_000, "validation_fraction": 0.01},
         },
