@@ -29,7 +29,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..plan import Part
+from ..shuffle import sorted_union_rows
 
 
 class WorkDir:
@@ -50,3 +53,17 @@ class WorkDir:
 
 
 STAGE_DIRS = ("clean", "exact", "sample", "tokens", "near", "shards", "removed")
+
+
+def drops_of(work: WorkDir, kind: str, part: Part, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """The part's duplicates of `kind` ("exact" or "near": sorted ids) and the ids they
+    repeat, sliced from every bucket's sorted drop list."""
+    if not buckets:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    low, high = part.id_range
+    files = [
+        (work.bucket_file(kind, "drop", b), work.bucket_file(kind, "drop", b, ".kept.npy"))
+        for b in range(buckets)
+    ]
+    ids, kept = sorted_union_rows(files, low, high)
+    return ids, kept

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import atomic
-from ..plan import Part
-from ..shuffle import read_bucket, sorted_union_rows
+from ..shuffle import read_bucket
 from . import WorkDir
 from .clean import EXACT_ROW
 
@@ -34,17 +33,3 @@ def exact_duplicates(parts: int, work_root: str, bucket: int) -> dict:
     result = {"bucket": bucket, "documents": int(len(rows)), "removed": int(repeat.sum())}
     atomic.write_json(done, result)
     return result
-
-
-def exact_drops_of(work: WorkDir, part: Part, buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """The part's exact duplicates (sorted ids) and the ids they repeat, sliced from every
-    bucket's sorted drop list."""
-    if not buckets:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    low, high = part.id_range
-    files = [
-        (work.bucket_file("exact", "drop", b), work.bucket_file("exact", "drop", b, ".kept.npy"))
-        for b in range(buckets)
-    ]
-    ids, kept = sorted_union_rows(files, low, high)
-    return ids, kept

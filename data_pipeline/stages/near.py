@@ -34,9 +34,9 @@ import numpy as np
 
 from .. import atomic
 from ..config import NearDedupConfig
-from ..plan import PART_SHIFT, Part
+from ..plan import PART_SHIFT
 from ..selection import id_buckets, mix64
-from ..shuffle import read_bucket, sorted_union_rows, write_buckets
+from ..shuffle import read_bucket, write_buckets
 from ..steps.dedup import candidate_pairs, estimated_jaccard
 from . import WorkDir
 from .clean import BAND_ROW
@@ -201,20 +201,6 @@ def near_finalize(work_root: str, round_index: int, bucket: int, buckets: int) -
     result = {"bucket": bucket, "removed": int(len(drop))}
     atomic.write_json(done, result)
     return result
-
-
-def near_drops_of(work: WorkDir, part: Part, buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """The part's near duplicates (sorted ids) and the ids they repeat, sliced from every
-    bucket's sorted drop list."""
-    if not buckets:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    low, high = part.id_range
-    files = [
-        (work.bucket_file("near", "drop", b), work.bucket_file("near", "drop", b, ".kept.npy"))
-        for b in range(buckets)
-    ]
-    ids, kept = sorted_union_rows(files, low, high)
-    return ids, kept
 
 
 def _round_done(work: WorkDir, round_index: int, bucket: int) -> Path:

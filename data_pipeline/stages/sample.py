@@ -16,10 +16,8 @@ from ..plan import Part
 from ..selection import hash_pairs, in_tokenizer_sample
 from ..shuffle import contains
 from ..tokenizer import split_pieces
-from . import WorkDir
+from . import WorkDir, drops_of
 from .clean import read_clean
-from .exact import exact_drops_of
-from .near import near_drops_of
 
 SAMPLE_SCHEMA = pa.schema([("text", pa.string())])
 
@@ -39,8 +37,8 @@ def sample_part(
     table = read_clean(work, part, ["id", "text", "hash"])
     chosen = in_tokenizer_sample(hash_pairs(table.column("hash").to_pylist()), share)
     ids = table.column("id").to_numpy()
-    chosen &= ~contains(exact_drops_of(work, part, exact_buckets)[0], ids)
-    chosen &= ~contains(near_drops_of(work, part, near_buckets)[0], ids)
+    chosen &= ~contains(drops_of(work, "exact", part, exact_buckets)[0], ids)
+    chosen &= ~contains(drops_of(work, "near", part, near_buckets)[0], ids)
     texts = table.column("text").take(pa.array(np.flatnonzero(chosen))).to_pylist()
     pieces = [piece for text in texts for piece in split_pieces(text, max_piece_chars)]
     atomic.write_parquet(

@@ -22,10 +22,8 @@ from ..ray_cluster import current_node
 from ..selection import SPLITS, copies_of, hash_pairs, sample_key, split_of
 from ..shuffle import contains
 from ..tokenizer import DocumentEncoder, load_tokenizer
-from . import WorkDir
+from . import WorkDir, drops_of
 from .clean import READ_BATCH, REMOVED_SCHEMA, clean_parquet
-from .exact import exact_drops_of
-from .near import near_drops_of
 
 EXACT_KIND, NEAR_KIND = "exact_duplicates", "near_duplicates"
 
@@ -52,8 +50,8 @@ def tokenize_part(
         work.root.parent / "tokenizer.json", tokenizer.eos_token, data.tokenize.max_piece_chars
     )
     forced_before = encoder.forced_cuts  # the encoder is shared by the tasks of a process
-    exact, exact_kept = exact_drops_of(work, part, exact_buckets)
-    near, near_kept = near_drops_of(work, part, near_buckets)
+    exact, exact_kept = drops_of(work, "exact", part, exact_buckets)
+    near, near_kept = drops_of(work, "near", part, near_buckets)
     weight = data.inputs[part.input_index].weight
     chooser = DuplicateSample(data.removed_sample)
     token_file = work.part_file("tokens", part, ".tokens")
