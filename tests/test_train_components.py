@@ -392,3 +392,31 @@ def test_a_rank_that_cannot_see_rank_0s_checkpoint_says_so(tmp_path):
     fake_checkpoint(views[0], 6)
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 does not see checkpoint"):
         run_ranks(agreed_tags, 2, tmp_path, [str(v) for v in views])
+
+
+def test_old_checkpoints_leave_their_names_at_once_and_are_deleted_in_the_background(
+    tmp_path, monkeypatch
+):
+    import threading
+
+    from pretrain.train import checkpoint
+
+    for step in range(1, 6):
+        fake_checkpoint(tmp_path, step)
+    release, real_empty = threading.Event(), checkpoint._empty
+
+    def slow_empty(directory: Path) -> None:  # a deletion of terabytes
+        assert release.wait(timeout=60)
+        real_empty(directory)
+
+    monkeypatch.setattr(checkpoint, "_empty", slow_empty)
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.prune()  # returns while the deletion waits
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == [tag_of(4), tag_of(5)]
+    assert len(list((root / ".trash").iterdir())) == 3
+    assert manager.latest().name == tag_of(5)
+    release.set()
+    manager.close()
+    assert list((root / ".trash").iterdir()) == []
+    assert sorted(p.name for p in root.glob("step_*")) == [tag_of(4), tag_of(5)]

@@ -14,11 +14,13 @@ half-written under a final name.
         config.yaml, tokenizer.json
                                  the resolved configuration and the run's tokenizer
       .staging/                  a checkpoint being written
+      .trash/                    old checkpoints, renamed here and deleted in the background
       last_save.json             the last save's step and seconds, and the step's seconds
 
 Every rank writes into `.staging/<tag>`; after a barrier rank 0 renames the directory into
 place and only then points `latest` at it, so a crash at any moment leaves the previous
-checkpoint as the latest. The last `checkpoint.keep` checkpoints are kept.
+checkpoint as the latest. The last `checkpoint.keep` checkpoints are kept; older ones are
+renamed into `.trash/` and deleted by a background thread while training goes on.
 
 A run resumes from DeepSpeed's files when the checkpoint was written by the same layout (TP,
 PP, DP, ZeRO stage, precision); otherwise it reshards: every rank slices the canonical weights
@@ -33,6 +35,7 @@ import random
 import shutil
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +47,7 @@ from data_pipeline import atomic
 
 from .weights import CheckpointError, save_layout_independent
 
+TRASH = ".trash"  # old checkpoints being deleted
 SAVE_RECORD = "last_save.json"  # how long the last save took; `cluster.grace` reads it
 FAULT_ENV = "KILN_TEST_FAULT"  # fault injection for the crash tests, see fault_active
 
@@ -95,6 +99,9 @@ class CheckpointManager:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.interval = interval
+        # Deleting old checkpoints (terabytes at 70B) runs beside training, one at a time.
+        self._deleter: ThreadPoolExecutor | None = None
+        self._deleting: Future | None = None
 
     def due(self, step: int, last_saved: int | None, stopping: bool = False) -> bool:
         """Whether the loop should save after `step`: every `interval` steps, and when the run
@@ -197,7 +204,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(staging / tag, final)
             atomic.write_text(self.root / "latest", tag + "\n")
-            self._prune()
+            self.prune()
         dist.barrier()
         if rank == 0:
             record = {
@@ -208,10 +215,37 @@ class CheckpointManager:
             atomic.write_json(self.root / SAVE_RECORD, record)
         return final
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
+        """Keep the newest `keep` checkpoints: older ones are moved into `.trash/` at once (a
+        rename, so no half-deleted checkpoint stays under its name) and deleted in the
+        background."""
         complete = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        trash = self.root / TRASH
         for old in complete[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            trash.mkdir(exist_ok=True)
+            os.replace(old, trash / f"{old.name}.{time.time_ns()}")
+        if not trash.is_dir() or (self._deleting is not None and not self._deleting.done()):
+            return  # the deletion under way takes what was added, or the next prune does
+        if self._deleter is None:
+            self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-prune")
+        self._deleting = self._deleter.submit(_empty, trash)
+
+    def close(self) -> None:
+        """Wait for a deletion under way (the process should not exit in the middle)."""
+        if self._deleter is not None:
+            self._deleter.shutdown(wait=True)
+            self._deleter = self._deleting = None
+
+
+def _empty(directory: Path) -> None:
+    """Delete everything in `directory`, including what is moved in while this runs (what
+    cannot be deleted is left for the next prune)."""
+    stuck: set[Path] = set()
+    while entries := [e for e in directory.iterdir() if e not in stuck]:
+        for entry in entries:
+            shutil.rmtree(entry, ignore_errors=True)
+            if entry.exists():
+                stuck.add(entry)
 
 
 def resolve_checkpoint(path: Path) -> Path:

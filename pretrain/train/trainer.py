@@ -207,6 +207,7 @@ class Trainer:
             return self._loop(state, report, stop, evaluate_first=state.step == 0)
         finally:
             stop.uninstall()
+            self.checkpoints.close()
             report.close()
 
     def _introduce(self, report: Reporter, state: TrainerState) -> None:
