@@ -168,5 +168,14 @@ def test_a_model_built_to_be_loaded_draws_no_random_weights(single_rank, name, m
     assert draws == ([] if name.startswith("llama") else [positions])
     drawn = build(name)
     assert len(draws) > 3  # the default path draws every weight, through the same function
-    shapes = {n: p.shape for n, p in drawn.named_parameters()}
-    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+
+    def layout(module: torch.nn.Module) -> dict:
+        """Shape and tensor-parallel marks (what resharding and the grad norm rely on)."""
+        marks = ("tensor_model_parallel", "partition_dim", "partition_stride")
+        return {
+            n: (p.shape, *(getattr(p, mark, None) for mark in marks))
+            for n, p in module.named_parameters()
+        }
+
+    assert layout(model) == layout(drawn)
+    assert any(marks[1] for marks in layout(model).values())  # some weights are split

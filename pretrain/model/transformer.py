@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
@@ -44,12 +45,31 @@ def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return partial(nn.init.normal_, mean=0.0, std=std)
 
 
-def residual_init(model: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-    return normal_init(model.init_std / math.sqrt(2.0 * model.num_layers))
+@dataclass
+class LayerConfig(ModelParallelConfig):
+    """megatron-core's layer settings, and whether the initial weights are drawn at all."""
+
+    draw_weights: bool = True
+
+
+def initializer(parallel: LayerConfig, std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """normal(0, std), or nothing for a model whose weights are loaded next. Not megatron-core's
+    `perform_initialization=False`: that also skips marking the weights tensor-parallel."""
+    if parallel.draw_weights:
+        return normal_init(std)
+    return _undrawn
+
+
+def _undrawn(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def residual_std(model: ModelConfig) -> float:
+    return model.init_std / math.sqrt(2.0 * model.num_layers)
 
 
 def residual_projection(
-    in_features: int, model: ModelConfig, parallel: ModelParallelConfig
+    in_features: int, model: ModelConfig, parallel: LayerConfig
 ) -> tensor_parallel.RowParallelLinear:
     """A row-parallel projection back to the hidden size, writing into the residual stream:
     input features split across TP ranks, partial outputs summed, scaled initialisation."""
@@ -57,7 +77,7 @@ def residual_projection(
         in_features,
         model.hidden_size,
         config=parallel,
-        init_method=residual_init(model),
+        init_method=initializer(parallel, residual_std(model)),
         bias=model.arch == "gpt",
         input_is_parallel=True,
         skip_bias_add=False,
@@ -66,14 +86,14 @@ def residual_projection(
 
 def parallel_config(
     tensor: int, dtype: torch.dtype = torch.float32, initialize: bool = True
-) -> ModelParallelConfig:
+) -> LayerConfig:
     """megatron-core's layer settings: weights drawn whole on the CPU, then sliced per rank;
     `initialize=False` leaves them undrawn, for a model whose weights are loaded next."""
-    return ModelParallelConfig(
+    return LayerConfig(
         tensor_model_parallel_size=tensor,
         use_cpu_initialization=True,
         params_dtype=dtype,
-        perform_initialization=initialize,
+        draw_weights=initialize,
     )
 
 
@@ -126,7 +146,7 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads, through PyTorch's SDPA (flash on GPUs)."""
 
-    def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
+    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
         tensor = parallel.tensor_model_parallel_size
         assert model.num_kv_heads is not None
@@ -137,7 +157,7 @@ class Attention(nn.Module):
         column = partial(
             tensor_parallel.ColumnParallelLinear,
             config=parallel,
-            init_method=normal_init(model.init_std),
+            init_method=initializer(parallel, model.init_std),
             bias=bias,
             gather_output=False,
         )
@@ -176,7 +196,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """llama: down(silu(gate(x)) * up(x)); gpt: proj(gelu(fc(x)))."""
 
-    def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
+    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
         assert model.ffn_hidden_size is not None
         self.arch = model.arch
@@ -186,7 +206,7 @@ class MLP(nn.Module):
             model.hidden_size,
             model.ffn_hidden_size,
             config=parallel,
-            init_method=normal_init(model.init_std),
+            init_method=initializer(parallel, model.init_std),
             bias=bias,
             gather_output=False,
         )
@@ -208,7 +228,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
+    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
         self.attention_norm = make_norm(model)
         self.attention = Attention(model, parallel)
@@ -224,16 +244,18 @@ class Embedding(nn.Module):
     """Token embedding, vocabulary rows split across TP ranks; plus learned positions (gpt).
     With tied embeddings the same vocabulary-parallel matrix also gives the logits."""
 
-    def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
+    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
         self.positions = None
         if model.arch == "gpt":  # drawn first: the token rows drawn next depend on T's padding
             self.positions = nn.Embedding(model.max_seq_length, model.hidden_size)
-            if parallel.perform_initialization:
-                normal_init(model.init_std)(self.positions.weight)
+            initializer(parallel, model.init_std)(self.positions.weight)
         vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
         self.tokens = tensor_parallel.VocabParallelEmbedding(
-            vocab, model.hidden_size, init_method=normal_init(model.init_std), config=parallel
+            vocab,
+            model.hidden_size,
+            init_method=initializer(parallel, model.init_std),
+            config=parallel,
         )
         self.tied_output = (
             output_layer(model, parallel, weightless=True) if model.tie_embeddings else None
@@ -253,14 +275,14 @@ class Embedding(nn.Module):
 
 
 def output_layer(
-    model: ModelConfig, parallel: ModelParallelConfig, weightless: bool = False
+    model: ModelConfig, parallel: LayerConfig, weightless: bool = False
 ) -> tensor_parallel.ColumnParallelLinear:
     """Hidden -> this rank's slice of the (padded) vocabulary; `weightless` borrows a weight."""
     return tensor_parallel.ColumnParallelLinear(
         model.hidden_size,
         padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size),
         config=parallel,
-        init_method=normal_init(model.init_std),
+        init_method=initializer(parallel, model.init_std),
         bias=False,
         gather_output=False,
         skip_weight_param_allocation=weightless,
@@ -270,7 +292,7 @@ def output_layer(
 class OutputLayer(nn.Module):
     """The untied output layer: vocabulary-parallel logits [B, S, V/T]."""
 
-    def __init__(self, model: ModelConfig, parallel: ModelParallelConfig) -> None:
+    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
         self.projection = output_layer(model, parallel)
 
