@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stream import DataDirError, TokenStream
+from .stream import DataDirError, TokenStream, check_index, check_seed
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,8 @@ class ShuffledDocumentSamples:
     ) -> None:
         if seq_length < 1:
             raise ValueError(f"seq_length must be at least 1, got {seq_length}")
-        if int(seed) < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
         self.stream, self.table = stream, table
-        self.seq_length, self.seed = int(seq_length), int(seed)
+        self.seq_length, self.seed = int(seq_length), check_seed(seed)
         self._cache_epochs = max(1, int(cache_epochs))
         self._epochs: OrderedDict[int, tuple[_Epoch, np.ndarray]] = OrderedDict()
         self.epoch_size = int(self._epoch(0)[0].first_window[-1])
@@ -111,9 +109,7 @@ class ShuffledDocumentSamples:
 
     def locate(self, g: int) -> tuple[int, int, int]:
         """(epoch, pass, window within the pass) that global index g reads."""
-        if g < 0:
-            raise IndexError(f"sample index must be non-negative, got {g}")
-        epoch, position = divmod(int(g), self.epoch_size)
+        epoch, position = divmod(check_index(g), self.epoch_size)
         layout, perm = self._epoch(epoch)
         window = int(perm[position])
         pass_index = int(np.searchsorted(layout.first_window, window, side="right")) - 1

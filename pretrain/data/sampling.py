@@ -17,6 +17,8 @@ from .stream import (
     DataDirError,
     PackedSequences,
     TokenStream,
+    check_index,
+    check_seed,
     load_split,
     load_split_documents,
 )
@@ -30,18 +32,6 @@ class SampleSource(Protocol):
     def sample(self, g: int) -> np.ndarray: ...
 
 
-def _check_seed(seed: int) -> int:
-    if int(seed) < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    return int(seed)
-
-
-def _check_index(g: int) -> int:
-    if g < 0:
-        raise IndexError(f"sample index must be non-negative, got {g}")
-    return int(g)
-
-
 class ValidationSamples:
     """Validation in a fixed order, no shuffle: index g reads packed sample g % len(packed)."""
 
@@ -53,7 +43,7 @@ class ValidationSamples:
         return len(self.packed)
 
     def sample(self, g: int) -> np.ndarray:
-        return self.packed.sample(_check_index(g) % len(self.packed))
+        return self.packed.sample(check_index(g) % len(self.packed))
 
 
 def largest_remainder(weights: Sequence[float], total: int) -> np.ndarray:
@@ -100,7 +90,7 @@ class Blend:
             raise ValueError(f"blended sources must share one seq_length, got {sorted(lengths)}")
         self.sources = list(sources)
         self.seq_length = lengths.pop()
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.block = int(block)
         self.counts = largest_remainder(weights, self.block)
         # Stream position where each source's run starts in an unshuffled block.
@@ -120,7 +110,7 @@ class Blend:
 
     def locate(self, g: int) -> tuple[int, int]:
         """(source, that source's own index) read by global index g."""
-        g = _check_index(g)
+        g = check_index(g)
         if len(self.sources) == 1:
             return 0, g
         b, position = divmod(g, self.block)
@@ -176,7 +166,7 @@ def micro_batch(samples: SampleSource, indices: Iterable[int]) -> tuple[np.ndarr
 
 def source_seed(seed: int, source: int) -> int:
     """The shuffle seed of blend source `source`, so equal-sized sources get distinct orders."""
-    return int(np.random.SeedSequence([_check_seed(seed), source]).generate_state(1)[0])
+    return int(np.random.SeedSequence([check_seed(seed), source]).generate_state(1)[0])
 
 
 def _same_tokenizer(streams: Sequence[tuple[Path, TokenStream]]) -> None:

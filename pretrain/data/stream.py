@@ -107,6 +107,18 @@ def load_split_documents(data_dir: str | Path, split: str) -> tuple[TokenStream,
     return stream, np.concatenate(lengths), passes
 
 
+def check_seed(seed: int) -> int:
+    if int(seed) < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    return int(seed)
+
+
+def check_index(g: int) -> int:
+    if g < 0:
+        raise IndexError(f"sample index must be non-negative, got {g}")
+    return int(g)
+
+
 class PackedSequences:
     """Sample i is stream tokens [i*S, i*S + S + 1): inputs the first S, targets the last S.
 

@@ -35,7 +35,7 @@ import random
 import shutil
 import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,7 +101,6 @@ class CheckpointManager:
         self.interval = interval
         # Deleting old checkpoints (terabytes at 70B) runs beside training, one at a time.
         self._deleter: ThreadPoolExecutor | None = None
-        self._deleting: Future | None = None
 
     def due(self, step: int, last_saved: int | None, stopping: bool = False) -> bool:
         """Whether the loop should save after `step`: every `interval` steps, and when the run
@@ -224,28 +223,23 @@ class CheckpointManager:
         for old in complete[: -self.keep]:
             trash.mkdir(exist_ok=True)
             os.replace(old, trash / f"{old.name}.{time.time_ns()}")
-        if not trash.is_dir() or (self._deleting is not None and not self._deleting.done()):
-            return  # the deletion under way takes what was added, or the next prune does
+        if not trash.is_dir():
+            return
         if self._deleter is None:
             self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-prune")
-        self._deleting = self._deleter.submit(_empty, trash)
+        self._deleter.submit(_empty, trash)  # queued behind a deletion under way
 
     def close(self) -> None:
         """Wait for a deletion under way (the process should not exit in the middle)."""
         if self._deleter is not None:
             self._deleter.shutdown(wait=True)
-            self._deleter = self._deleting = None
+            self._deleter = None
 
 
 def _empty(directory: Path) -> None:
-    """Delete everything in `directory`, including what is moved in while this runs (what
-    cannot be deleted is left for the next prune)."""
-    stuck: set[Path] = set()
-    while entries := [e for e in directory.iterdir() if e not in stuck]:
-        for entry in entries:
-            shutil.rmtree(entry, ignore_errors=True)
-            if entry.exists():
-                stuck.add(entry)
+    """Delete what `directory` holds (what cannot be deleted is left for the next prune)."""
+    for entry in list(directory.iterdir()):
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def resolve_checkpoint(path: Path) -> Path:
