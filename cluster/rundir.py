@@ -54,6 +54,11 @@ def prepare_run_dir(cfg: KilnConfig, run_dir: Path, resume: bool) -> None:
                 "choose another run directory or remove it"
             )
         # The layout may change (the checkpoint reshards); the model may not.
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                f"--run-dir = {run_dir}: holds checkpoints but no config.yaml; it was not "
+                "written by `kiln train`"
+            )
         previous = yaml.safe_load((run_dir / "config.yaml").read_text())
         before, after = previous["model"], cfg.model_dump(mode="json")["model"]
         for field in sorted(set(before) | set(after)):

@@ -1,9 +1,8 @@
 """A trained model in one process, from any checkpoint of any layout: what generation,
 evaluation and export start from.
 
-The checkpoint's layout-independent weights (its fp32 master weights when it trained in
-bf16/fp16) are loaded into a one-rank `Transformer` in fp32, beside the run's configuration
-and tokenizer.
+The checkpoint's fp32 weights (the master weights when it trained in bf16/fp16) are loaded
+into a one-rank `Transformer` in fp32, beside the run's configuration and tokenizer.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ from tokenizers import Tokenizer
 from pretrain.config import KilnConfig, load_config
 from pretrain.model.transformer import Transformer
 from pretrain.train.checkpoint import resolve_checkpoint
-from pretrain.train.optimizer_state import MASTER
-from pretrain.train.weights import CheckpointError, LayoutIndependentState, load_weights
+from pretrain.train.weights import CheckpointError, consolidated_weights, load_weights
 
 
 @dataclass
@@ -40,10 +38,10 @@ def single_process_group() -> None:
         parallel_state.initialize_model_parallel(1, 1)
 
 
-def checkpoint_weights(checkpoint: Path, vocab_size: int) -> dict[str, torch.Tensor]:
-    """Full weights under canonical names: the fp32 master weights where they were saved."""
-    state = LayoutIndependentState(checkpoint, vocab_size)
-    return state.weights(MASTER if state.has(MASTER) else "model")
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights under canonical names (a bf16/fp16 run's master weights); only
+    these are read, not the optimizer state beside them."""
+    return consolidated_weights(checkpoint)
 
 
 def load_model(path: Path) -> LoadedModel:
@@ -57,7 +55,7 @@ def load_model(path: Path) -> LoadedModel:
         raise CheckpointError(f"{checkpoint}: no tokenizer.json beside the weights")
     single_process_group()
     model = Transformer(cfg.model, tensor=1, seed=cfg.train.seed, initialize=False)
-    load_weights(model, checkpoint_weights(checkpoint, cfg.model.vocab_size))
+    load_weights(model, checkpoint_weights(checkpoint))
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     eos = tokenizer.token_to_id(cfg.tokenizer.eos_token)
     return LoadedModel(model.eval(), cfg, checkpoint, tokenizer, eos)

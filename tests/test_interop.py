@@ -19,7 +19,7 @@ from pretrain.data import build_validation_samples, micro_batch
 from pretrain.hf.export import parse_size, shard_groups
 from pretrain.hf.mapping import ConversionError, from_hf, hf_config, to_hf
 from pretrain.train.checkpoint import latest_checkpoint
-from pretrain.train.weights import LayoutIndependentState
+from pretrain.train.weights import CheckpointTensors
 from tests.conftest import run_kiln
 from tests.distributed import run_ranks
 from tests.model_workers import checkpoint_logits
@@ -289,8 +289,8 @@ def test_a_checkpoint_resumes_under_another_layout(runs, data, tmp_path, source,
     )
     assert (state["step"], state["consumed_samples"]) == (10, 80)  # the data position carried on
     # Step 10's update used the carried-over Adam moments: weights as the old layout's
-    mine = LayoutIndependentState(latest_checkpoint(run_dir / "checkpoints"), VOCAB)
-    theirs = LayoutIndependentState(latest_checkpoint(reference / "checkpoints"), VOCAB)
+    mine = CheckpointTensors(latest_checkpoint(run_dir / "checkpoints"))
+    theirs = CheckpointTensors(latest_checkpoint(reference / "checkpoints"))
     assert mine.optimizer_step == theirs.optimizer_step == 10
     for name in theirs.names():
         for kind in ("model", "exp_avg"):
@@ -298,6 +298,20 @@ def test_a_checkpoint_resumes_under_another_layout(runs, data, tmp_path, source,
                 mine.tensor(name, kind), theirs.tensor(name, kind), rtol=1e-5, atol=1e-6,
                 msg=f"{kind} {name}",
             )  # fmt: skip
+
+
+def test_a_bf16_checkpoint_resumes_in_fp32_under_tensor_parallelism(runs, data, tmp_path):
+    reference = runs("dp2-bf16")
+    run_dir = tmp_path / "resharded"
+    resume_from_step_9(reference, run_dir)
+    to_fp32 = ["parallel.tensor=2", "parallel.zero_stage=2", "train.precision=fp32"]
+    result = train(data, run_dir, 4, *to_fp32)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "resharded from" in result.stdout and "with its Adam state" in result.stdout
+    # The fp32 run starts from bf16's fp32 master weights: the same loss up to bf16 rounding.
+    assert losses(run_dir)[10] == pytest.approx(losses(reference)[10], rel=2e-2)
+    mine = CheckpointTensors(latest_checkpoint(run_dir / "checkpoints"))
+    assert mine.optimizer_step == 10 and mine.description["layout"]["precision"] == "fp32"
 
 
 def test_resuming_with_another_model_is_refused(runs, data, tmp_path):

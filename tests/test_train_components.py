@@ -433,3 +433,52 @@ def test_old_checkpoints_leave_their_names_at_once_and_are_deleted_in_the_backgr
     manager.close()
     assert list((root / ".trash").iterdir()) == []
     assert sorted(p.name for p in root.glob("step_*")) == [tag_of(4), tag_of(5)]
+
+
+# -- what each rank owns of the state ----------------------------------------------------------
+@pytest.mark.parametrize("shape", [(7,), (5, 6), (3, 4, 5)])
+def test_a_flat_range_is_covered_exactly_by_contiguous_boxes(shape):
+    from pretrain.train.state_pieces import flat_range_boxes
+
+    numel = math.prod(shape)
+    full = torch.arange(numel).view(shape)
+    for start in range(numel):
+        for stop in range(start + 1, numel + 1):
+            covered = []
+            for offsets, sizes, first in flat_range_boxes(shape, start, stop):
+                box = full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))]
+                values = box.flatten().tolist()
+                assert values == list(range(first, first + len(values)))  # contiguous
+                covered += values
+            assert covered == list(range(start, stop))
+
+
+def test_pieces_of_a_vocabulary_split_map_to_global_rows_without_padding():
+    from pretrain.train.state_pieces import Piece
+
+    vocab, width, ranks, data = 10, 3, 2, 3  # 12 padded rows: 6 per TP rank
+    full = torch.arange(vocab * width, dtype=torch.float32).view(vocab, width)
+    rebuilt = torch.full_like(full, -1.0)
+    for tp in range(ranks):
+        local = torch.zeros(6, width)
+        rows = full[tp * 6 : tp * 6 + 6]
+        local[: len(rows)] = rows
+        flat = local.view(-1)
+        bounds = [round(i * flat.numel() / data) for i in range(data + 1)]
+        for start, stop in zip(bounds, bounds[1:], strict=False):  # ZeRO partitions
+            piece = Piece("model/x", (vocab, width), (6, width), 0, tp, start, flat[start:stop])
+            for box in piece.boxes():
+                region = tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes, strict=True))
+                assert (rebuilt[region] == -1).all(), "written twice"
+                rebuilt[region] = box.tensor
+    assert torch.equal(rebuilt, full)
+
+
+def test_replicated_tensors_are_spread_over_the_replicas_by_bytes():
+    from pretrain.train.state_pieces import balanced_owners
+
+    sizes = [100, 90, 60, 50]
+    owners = balanced_owners(sizes, 2)
+    load = [sum(s for s, o in zip(sizes, owners, strict=True) if o == r) for r in range(2)]
+    assert sorted(load) == [150, 150]
+    assert balanced_owners(sizes, 2) == owners  # every replica computes the same answer

@@ -4,6 +4,8 @@ process, a killed run resumes bit-identically, failures are skipped or stop the 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import signal
 from pathlib import Path
 
@@ -11,15 +13,23 @@ import pytest
 import torch
 
 from pretrain.train.checkpoint import latest_checkpoint
-from pretrain.train.weights import consolidated_weights
+from pretrain.train.dcp_io import read_metadata
+from pretrain.train.weights import CheckpointTensors, consolidated_weights
 from tests.conftest import run_kiln
-from tests.training_support import LAYOUTS, VOCAB, losses, records, train, train_until
+from tests.training_support import (
+    LAYOUTS,
+    logged_steps,
+    losses,
+    records,
+    train,
+    train_until,
+)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint is not None and checkpoint.name == "step_00000010"
-    return consolidated_weights(checkpoint, VOCAB)
+    return consolidated_weights(checkpoint)
 
 
 @pytest.mark.parametrize(
@@ -54,15 +64,16 @@ def test_parallel_layout_matches_one_process(runs, name, reference):
         torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("name", ["dp2-zero1", "pp2"])
+@pytest.mark.parametrize("name", ["dp2-zero1", "pp2", "dp2-bf16"])
 def test_sigkill_then_resume_gives_bit_identical_losses(runs, data, tmp_path, name):
     nproc, overrides = LAYOUTS[name]
     expected = losses(runs(name))
     run_dir = tmp_path / name
-    code = train_until(data, run_dir, nproc, 4, signal.SIGKILL, *overrides)
+    # By step 8 step 3's save is complete; step 6's may still be under way in the background.
+    code = train_until(data, run_dir, nproc, 8, signal.SIGKILL, *overrides)
     assert code == -signal.SIGKILL
     killed_at = latest_checkpoint(run_dir / "checkpoints")
-    assert killed_at is not None and killed_at.name != "step_00000010"
+    assert killed_at is not None and killed_at.name in ("step_00000003", "step_00000006")
     result = train(data, run_dir, nproc, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {killed_at}" in result.stdout
@@ -71,19 +82,57 @@ def test_sigkill_then_resume_gives_bit_identical_losses(runs, data, tmp_path, na
     assert steps == list(range(1, 11)), "each step logged once"
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint(runs, data, tmp_path):
-    nproc, overrides = LAYOUTS["dp2-zero1"]
+@pytest.mark.parametrize("name", ["dp2-zero1", "pp2"])
+def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint(runs, data, tmp_path, name):
+    nproc, overrides = LAYOUTS[name]
     run_dir = tmp_path / "run"
-    crashed = train(data, run_dir, nproc, *overrides, fault="kill-during-save@6")
+    # Step 6's save is slow, then dies before it is complete; training goes on meanwhile.
+    crashed = train(data, run_dir, nproc, *overrides, fault="slow-save@6,kill-during-save@6")
     assert crashed.returncode == 128 + signal.SIGKILL
+    assert max(logged_steps(run_dir)) > 6, "training waited for the background save"
     assert (run_dir / "checkpoints/.staging/step_00000006").is_dir()  # the half-written one
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000003"
     resumed = train(data, run_dir, nproc, *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step_00000003" in resumed.stdout
-    assert losses(run_dir) == losses(runs("dp2-zero1"))
+    assert losses(run_dir) == losses(runs(name))  # exact: bit-identical
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert kept == ["step_00000009", "step_00000010"]  # checkpoint.keep = 2
+    assert not (run_dir / "checkpoints/.staging/step_00000006").exists()
+
+
+@pytest.mark.parametrize("name", ["dp2-zero1", "tp2-pp2", "dp2-zero0"])
+def test_a_checkpoint_holds_the_state_once_written_evenly(runs, name):
+    checkpoint = latest_checkpoint(runs(name) / "checkpoints")
+    tensors = CheckpointTensors(checkpoint)
+    parameters = sum(math.prod(tensors.shapes[f"model/{n}"]) for n in tensors.names())
+    unique = parameters * 4 * 3  # fp32 weights, exp_avg, exp_avg_sq
+    stored = read_metadata(checkpoint).state_dict_metadata
+    chunks = [c for md in stored.values() if hasattr(md, "chunks") for c in md.chunks]
+    assert sum(math.prod(c.sizes) for c in chunks) * 4 == unique  # every element once
+    files = [f.stat().st_size for f in checkpoint.glob("*.distcp")]
+    nproc, _ = LAYOUTS[name]
+    assert len(files) == nproc  # every rank wrote its own file
+    # torch.save adds about 1 KB of headers per chunk: a lot for this 0.2M-parameter model
+    assert sum(files) <= 1.05 * unique + 1500 * len(chunks)
+    assert max(files) <= 1.3 * sum(files) / len(files)
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(runs, data, tmp_path):
+    run_dir = tmp_path / "run"
+    old = run_dir / "checkpoints" / "step_00000003"
+    (old / "model").mkdir(parents=True)
+    for name in ("config.yaml", "tokenizer.json"):
+        shutil.copyfile(runs("single") / name, run_dir / name)
+    (old / "model" / "layout.json").write_text(json.dumps({"format": 2, "tensor": 1}))
+    (old / "trainer_state.json").write_text(json.dumps({"step": 3}))
+    (run_dir / "checkpoints" / "latest").write_text("step_00000003\n")
+    result = train(data, run_dir, 1)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and "checkpoint format 2" in result.stderr
+    exported = run_kiln("export", str(old), "--to", "hf", str(tmp_path / "hf"))
+    assert exported.returncode == 2 and "checkpoint format 2" in exported.stderr
+    assert exported.stderr.count("\n") == 1
 
 
 def test_sigterm_saves_then_a_rerun_continues_the_same_wandb_run(data, tmp_path):
@@ -134,7 +183,7 @@ def test_too_many_nan_steps_stop_the_run_with_good_weights_saved(data, tmp_path)
     assert "3 steps in a row had a NaN or Inf loss or gradient" in result.stdout
     latest = latest_checkpoint(run_dir / "checkpoints")
     assert latest.name == "step_00000006"
-    weights = consolidated_weights(latest, VOCAB)
+    weights = consolidated_weights(latest)
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
@@ -184,4 +233,5 @@ def test_every_save_records_how_long_it_took_for_the_schedulers(runs):
     run_dir = runs("single")
     record = json.loads((run_dir / "checkpoints" / "last_save.json").read_text())
     assert record["step"] == 10 and record["save_s"] > 0 and record["step_s"] > 0
+    assert 0 < record["stall_s"] <= record["save_s"]
     assert "at step 10 a step took" in k8s_grace_period(run_dir).reason

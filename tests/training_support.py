@@ -53,6 +53,8 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "dp2-zero1": (2, ["parallel.zero_stage=1"]),
     "dp2-zero2": (2, ["parallel.zero_stage=2"]),
     "dp2-zero3": (2, ["parallel.zero_stage=3"]),
+    # bf16: DeepSpeed's bf16 optimizer keeps the fp32 master weights a resume must restore.
+    "dp2-bf16": (2, ["parallel.zero_stage=1", "train.precision=bf16"]),
     "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     # Activation checkpointing: recomputed blocks give the same numbers.
     "recompute": (1, ["train.activation_checkpointing=true"]),

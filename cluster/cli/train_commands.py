@@ -61,8 +61,27 @@ def _train(args: argparse.Namespace) -> int:
     check_trainable(cfg)
     run_dir = args.run_dir or Path("runs") / Path(args.config).stem
     prepare_run_dir(cfg, run_dir, resume=not args.no_resume)
+    refuse_unreadable_checkpoint(run_dir)
     command = [sys.executable, "-m", RANK_MODULE, "--run-dir", str(run_dir)]
     return launch_local(command, cfg.world_size, log_dir=run_dir / "logs")
+
+
+def refuse_unreadable_checkpoint(run_dir: Path) -> None:
+    """A checkpoint this Kiln cannot resume (an older format) is refused before any rank
+    starts, in one line."""
+    from pretrain.train.main import quiet_imports
+
+    quiet_imports()
+    from pretrain.train.checkpoint import latest_checkpoint
+    from pretrain.train.weights import CheckpointError, read_description
+
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        return
+    try:
+        read_description(latest)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _generate(args: argparse.Namespace) -> int:

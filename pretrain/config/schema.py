@@ -13,6 +13,7 @@ import math
 from typing import Literal
 
 from pydantic import (
+    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -152,12 +153,18 @@ class OptimConfig(ConfigSection):
 
 
 class CheckpointConfig(ConfigSection):
+    # `async` is a Python keyword: the field is `async_save`, written `checkpoint.async`.
+    model_config = ConfigDict(
+        validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
     interval: NonNegativeInt = Field(default=1000, description="Steps between saves; 0: at end.")
     keep: PositiveInt = 2
-    reshardable: bool = Field(
+    async_save: bool = Field(
         default=True,
-        description="Also save Adam's state under layout-independent names, so that the run "
-        "can resume under another layout (8 bytes per parameter, 12 in bf16/fp16).",
+        alias="async",
+        description="Write checkpoints in the background while training goes on (the state "
+        "is first copied to host memory); saves at a stop or the end always wait.",
     )
 
 
@@ -227,12 +234,13 @@ class KilnConfig(ConfigSection):
             self._check_model_against_layout()
         self._resolve_data_parallel(world_size)
         self._resolve_batch()
-        if self.train.precision == "bf16" and self.parallel.zero_stage == 0:
+        if self.train.precision != "fp32" and self.parallel.zero_stage == 0:
             raise rule_violation(
                 "parallel.zero_stage",
                 0,
-                "bf16 training keeps its fp32 master weights in DeepSpeed's ZeRO optimizer: "
-                "use stage 1 or above (on one process stage 1 costs nothing)",
+                f"{self.train.precision} training keeps its fp32 master weights in DeepSpeed's "
+                "ZeRO optimizer, where checkpoints find them: use stage 1 or above (on one "
+                "process stage 1 costs nothing)",
             )
         if self.optim.warmup_steps > self.train.steps:
             raise rule_violation(

@@ -137,7 +137,7 @@ def export_hf(
 
     eos_id = Tokenizer.from_file(str(tokenizer_file)).token_to_id(cfg.tokenizer.eos_token)
     config = hf_config(model, eos_id, torch_dtype)  # refuses unexportable models first
-    weights = checkpoint_weights(checkpoint, model.vocab_size)
+    weights = checkpoint_weights(checkpoint)
     tensors = {
         name: tensor.to(torch_dtype).contiguous() for name, tensor in to_hf(model, weights).items()
     }

@@ -15,13 +15,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data_pipeline import atomic
 from pretrain.config import ConfigError, dump_config, validate_tree
 from pretrain.config.loader import apply_overrides, read_tree
 from pretrain.train.checkpoint import TrainerState, latest_checkpoint, tag_of
-from pretrain.train.weights import FORMAT, shard_name
+from pretrain.train.dcp_io import Chunk, save_chunks
+from pretrain.train.state_pieces import MODEL, state_key
+from pretrain.train.weights import DESCRIPTION, FORMAT
 
 from .mapping import ConversionError, from_hf, model_settings
 
@@ -129,21 +131,23 @@ def refuse_existing_checkpoint(run_dir: Path) -> None:
 def write_initial_checkpoint(
     run_dir: Path, cfg, weights: dict[str, torch.Tensor], source: Path
 ) -> Path:
-    """`checkpoints/step_00000000`: the weights in the layout-independent form of a one-rank
-    layout, no DeepSpeed files (so every layout reshards from it), no optimizer state."""
+    """`checkpoints/step_00000000`: the fp32 weights under their canonical keys in one DCP
+    file, as a one-rank layout would save them, and no optimizer state: every layout
+    reshards from it."""
     refuse_existing_checkpoint(run_dir)
     root = run_dir / "checkpoints"
     tag = tag_of(0)
     staging = root / ".staging" / tag
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "model").mkdir(parents=True)
-    shard = shard_name(0, 0)
-    save_file(weights, str(staging / "model" / f"{shard}.safetensors"))
-    dims = dict.fromkeys(weights)  # one tensor-parallel rank: nothing is split
-    atomic.write_json(staging / "model" / f"{shard}.json", {"partition_dims": dims})
-    layout = {"format": FORMAT, "tensor": 1, "pipeline": 1, "data": None, "zero_stage": None}
-    layout.update(precision=None, deepspeed=False, source=f"the Hugging Face model {source}")
-    atomic.write_json(staging / "model" / "layout.json", layout)
+    chunks = [
+        Chunk(state_key(MODEL, name), tuple(t.shape), (0,) * t.dim(), t)
+        for name, t in weights.items()
+    ]
+    save_chunks(staging, chunks, {})
+    layout = {"tensor": 1, "pipeline": 1, "data": None, "zero_stage": None, "precision": None}
+    description = {"format": FORMAT, "layout": layout, "optimizer_step": None}
+    description["source"] = f"the Hugging Face model {source}"
+    atomic.write_json(staging / DESCRIPTION, description)
     atomic.write_json(staging / "trainer_state.json", asdict(TrainerState()))
     atomic.write_text(staging / "config.yaml", dump_config(cfg))
     shutil.copyfile(run_dir / "tokenizer.json", staging / "tokenizer.json")

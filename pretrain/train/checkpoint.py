@@ -1,30 +1,31 @@
-"""Checkpoints that resume exactly, under the same layout or another, and are never
-half-written under a final name.
+"""Checkpoints that resume exactly, under the same layout or another, written once by every
+rank in parallel while training goes on, and never half-written under a final name.
 
     checkpoints/
       latest                     the tag of the newest complete checkpoint, replaced atomically
       step_00000300/
-        <DeepSpeed's files>      model, optimizer and ZeRO partitions (what a resume under the
-                                 same layout loads: bit-identical continuation)
-        model/, optimizer/       the same weights and Adam state under canonical names, split
-                                 only by TP and PP (`weights.py`): what generation, evaluation,
-                                 export and a resume under another layout read
-        rng/rank_00000.pt        every rank's torch, numpy and Python random states
+        .metadata, __N_0.distcp  the training state, one DCP file per rank (`state_pieces`):
+                                 fp32 weights (the master weights of a bf16/fp16 run) and
+                                 Adam's moments under canonical names, each byte once, and
+                                 every rank's torch, numpy and Python random states
+        checkpoint.json          format, the layout that wrote it, Adam's step, loss scale
         trainer_state.json       step, consumed samples, skipped steps
         config.yaml, tokenizer.json
                                  the resolved configuration and the run's tokenizer
       .staging/                  a checkpoint being written
       .trash/                    old checkpoints, renamed here and deleted in the background
-      last_save.json             the last save's step and seconds, and the step's seconds
+      last_save.json             the last save's step, its seconds, the step's seconds
 
-Every rank writes into `.staging/<tag>`; after a barrier rank 0 renames the directory into
-place and only then points `latest` at it, so a crash at any moment leaves the previous
-checkpoint as the latest. The last `checkpoint.keep` checkpoints are kept; older ones are
-renamed into `.trash/` and deleted by a background thread while training goes on.
+A save copies this rank's share of the state to host memory (the training stall) and writes
+it in a background thread (`checkpoint.async`, on by default) with DCP over a process group
+of its own, into `.staging/<tag>`. Once every rank has written, rank 0 adds the small files,
+renames the directory into place and only then points `latest` at it: a crash at any moment
+leaves the previous checkpoint as the latest. At most one save is in flight; a save when the
+run stops, and the end of the run, wait for it. The last `checkpoint.keep` checkpoints are
+kept; older ones are renamed into `.trash/` and deleted in the background.
 
-A run resumes from DeepSpeed's files when the checkpoint was written by the same layout (TP,
-PP, DP, ZeRO stage, precision); otherwise it reshards: every rank slices the canonical weights
-and Adam state for its own place in the new layout (`Resume.reshard`).
+A resume reads, on every rank, only the regions of each tensor its place in the (possibly
+different) layout holds: TP, PP, DP, ZeRO stage and precision may all change.
 """
 
 from __future__ import annotations
@@ -35,21 +36,34 @@ import random
 import shutil
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from data_pipeline import atomic
 
-from .weights import CheckpointError, save_layout_independent
+from .dcp_io import Chunk, load_regions, save_chunks
+from .optimizer_state import OptimizerState
+from .state_pieces import MODEL, StateLayout, optimizer_kinds, rank_pieces
+from .weights import (
+    DESCRIPTION,
+    FORMAT,
+    CheckpointError,
+    load_module_weights,
+    load_optimizer_state,
+    read_description,
+)
 
 TRASH = ".trash"  # old checkpoints being deleted
+STAGING = ".staging"  # checkpoints being written
 SAVE_RECORD = "last_save.json"  # how long the last save took; `cluster.grace` reads it
 FAULT_ENV = "KILN_TEST_FAULT"  # fault injection for the crash tests, see fault_active
+LOSS_SCALER = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
 @dataclass
@@ -69,18 +83,8 @@ class Resume:
 
     checkpoint: Path
     reshard: bool
-    written_by: dict
-
-
-def layout_of(cfg) -> dict:
-    """What makes DeepSpeed's own files loadable: the same values in `model/layout.json`."""
-    return {
-        "tensor": cfg.parallel.tensor,
-        "pipeline": cfg.parallel.pipeline,
-        "data": cfg.parallel.data,
-        "zero_stage": cfg.parallel.zero_stage,
-        "precision": cfg.train.precision,
-    }
+    written_by: dict  # the layout that wrote it, and `source` for an imported model
+    description: dict
 
 
 def describe_layout(layout: dict) -> str:
@@ -94,11 +98,26 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def rank_file(rank: int) -> str:
+    return f"rng/rank_{rank:05d}"
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep: int, interval: int = 0) -> None:
+    """Saves, prunes and finds checkpoints. Construct it on every rank at the same point: it
+    creates the process group background saves use (collective)."""
+
+    def __init__(
+        self, run_dir: Path, keep: int, interval: int = 0, asynchronous: bool = True
+    ) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.interval = interval
+        self.asynchronous = asynchronous
+        # Background saves talk over their own gloo group: collectives of two threads must
+        # never share one group, and DCP's coordination needs a CPU backend.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._writer: ThreadPoolExecutor | None = None
+        self._in_flight: Future | None = None
         # Deleting old checkpoints (terabytes at 70B) runs beside training, one at a time.
         self._deleter: ThreadPoolExecutor | None = None
 
@@ -116,8 +135,12 @@ class CheckpointManager:
 
     def agreed_latest(self) -> Path | None:
         """The latest checkpoint as rank 0 sees it, the same tag on every rank: nodes can see
-        shared storage at different moments, and a run resumed from two tags would diverge."""
-        path = self.latest() if not dist.is_initialized() or dist.get_rank() == 0 else None
+        shared storage at different moments, and a run resumed from two tags would diverge.
+        Rank 0 also clears checkpoints a crash left half-written (before any rank writes)."""
+        leader = not dist.is_initialized() or dist.get_rank() == 0
+        path = self.latest() if leader else None
+        if leader:
+            shutil.rmtree(self.root / STAGING, ignore_errors=True)
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return path
         tag = [path.name if path is not None else None]
@@ -132,87 +155,142 @@ class CheckpointManager:
             )
         return agreed
 
-    def resume(self, cfg) -> Resume | None:
-        """The latest checkpoint (rank 0's `latest`, on every rank) and how to load it; None
-        when the run starts afresh."""
+    def resume(self, layout: StateLayout) -> Resume | None:
+        """The latest checkpoint (rank 0's `latest`, on every rank) and whether this layout
+        differs from the one that wrote it; None when the run starts afresh."""
         path = self.agreed_latest()
         if path is None:
             return None
-        layout_file = path / "model" / "layout.json"
-        if not layout_file.is_file():
-            raise CheckpointError(f"{path}: no model/layout.json, not a Kiln checkpoint")
-        written_by = json.loads(layout_file.read_text())
-        same = bool(written_by.get("deepspeed")) and all(
-            written_by.get(key) == value for key, value in layout_of(cfg).items()
-        )
-        return Resume(path, reshard=not same, written_by=written_by)
+        description = read_description(path)
+        written_by = dict(description["layout"])
+        if description.get("source"):
+            written_by["source"] = description["source"]
+        reshard = description["layout"] != layout.describe()
+        return Resume(path, reshard, written_by, description)
 
-    def load(self, train_engine, path: Path) -> TrainerState:
-        """Restore model, optimizer and random states from DeepSpeed's files (same layout)."""
-        engine = train_engine.engine
-        loaded, _ = engine.load_checkpoint(
-            str(self.root),
-            tag=path.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-            load_module_strict=True,
-        )
-        if loaded is None:
-            raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
-        rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
-        if rng_file.is_file():
-            restore_rng(torch.load(rng_file, weights_only=False))
-        return TrainerState.read(path)
+    def load_weights(self, module: nn.Module, resume: Resume, layout: StateLayout) -> None:
+        """Collective: this rank's slice of every weight, before DeepSpeed wraps the module."""
+        load_module_weights(module, resume.checkpoint, layout, self.group)
+
+    def restore(
+        self, module: nn.Module, engine, resume: Resume, layout: StateLayout
+    ) -> tuple[TrainerState, bool]:
+        """Collective: Adam's state (and the fp32 master weights), the loss scale, this rank's
+        random states and the trainer state; also whether Adam's state was there."""
+        description = resume.description
+        step = description.get("optimizer_step")
+        if step is not None:
+            load_optimizer_state(module, engine, resume.checkpoint, layout, step, self.group)
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        for name, value in (description.get("loss_scale") or {}).items():
+            if scaler is not None and hasattr(scaler, name):
+                setattr(scaler, name, value)
+        state = TrainerState.read(resume.checkpoint)
+        engine.global_steps = state.step
+        if not resume.reshard:  # the same ranks: each continues its own random streams
+            key = rank_file(dist.get_rank() if dist.is_initialized() else 0)
+            objects = load_regions(resume.checkpoint, [], [key], self.group)
+            restore_rng(objects[key])
+        return state, step is not None
 
     # -- writing ---------------------------------------------------------------------------
     def save(
         self,
-        train_engine,
+        module: nn.Module,
+        engine,
+        layout: StateLayout,
         state: TrainerState,
         config_yaml: str,
-        reshardable: bool = True,
         step_seconds: float = 0.0,
+        wait: bool = False,
     ) -> Path:
-        """Write the checkpoint of `state` and make it the latest; record how long the save
-        and the step before it took (`last_save.json`, read by `kiln submit` to size the
+        """Save `state`: copy this rank's share to host memory, write it in the background
+        (or before returning, with `wait` or `checkpoint.async: false`), then make it the
+        latest. Records how long it took (`last_save.json`, read by `kiln submit` to size the
         schedulers' stop lead time, see `cluster.grace`)."""
         started = time.perf_counter()
-        rank = dist.get_rank()
-        tag = tag_of(state.step)
-        staging = self.root / ".staging"
+        self.wait()  # one save in flight at a time: host memory for one copy of the state
+        kinds = (MODEL, *optimizer_kinds(engine))
+        pieces = rank_pieces(module, engine, layout, kinds, for_writing=True)
+        chunks = [
+            Chunk(piece.key, piece.global_shape, box.offsets, staged(box.tensor))
+            for piece in pieces
+            for box in piece.boxes()
+        ]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies to pinned host memory are done
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        objects = {rank_file(rank): capture_rng()}
+        description = {
+            "format": FORMAT,
+            "layout": layout.describe(),
+            "optimizer_step": OptimizerState(engine).step_count() if len(kinds) > 1 else None,
+            "loss_scale": loss_scale_of(engine),
+        }
+        stall = time.perf_counter() - started
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-save")
+        self._in_flight = self._writer.submit(
+            self._write,
+            tag_of(state.step),
+            chunks,
+            objects,
+            description,
+            asdict(state),
+            config_yaml,
+            {"started": started, "stall_s": stall, "step_s": step_seconds},
+        )
+        if wait or not self.asynchronous:
+            self.wait()
+        return self.root / tag_of(state.step)
+
+    def _write(
+        self,
+        tag: str,
+        chunks: list[Chunk],
+        objects: dict,
+        description: dict,
+        trainer_state: dict,
+        config_yaml: str,
+        timing: dict,
+    ) -> None:
+        """The background part: every rank writes its file; rank 0 then completes the
+        checkpoint and makes it the latest."""
+        step = trainer_state["step"]
+        if fault_active("slow-save", step):
+            time.sleep(3)  # the crash tests' window for a kill during a background save
+        staging = self.root / STAGING / tag
+        save_chunks(staging, chunks, objects, self.group)
+        if self.group is not None and dist.get_rank() != 0:
+            return
+        atomic.write_json(staging / DESCRIPTION, description)
+        atomic.write_json(staging / "trainer_state.json", trainer_state)
+        atomic.write_text(staging / "config.yaml", config_yaml)
+        tokenizer = self.root.parent / "tokenizer.json"
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, staging / "tokenizer.json")
+        fault_point("kill-during-save", step)
         final = self.root / tag
-        if rank == 0:
-            shutil.rmtree(staging / tag, ignore_errors=True)
-            (staging / tag).mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        train_engine.engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
-        save_layout_independent(train_engine, staging / tag, with_optimizer=reshardable)
-        rng_dir = staging / tag / "rng"
-        rng_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(capture_rng(), rng_dir / f"rank_{rank:05d}.pt")
-        if rank == 0:
-            atomic.write_json(staging / tag / "trainer_state.json", asdict(state))
-            atomic.write_text(staging / tag / "config.yaml", config_yaml)
-            tokenizer = self.root.parent / "tokenizer.json"
-            if tokenizer.is_file():
-                shutil.copyfile(tokenizer, staging / tag / "tokenizer.json")
-        fault_point("kill-during-save", state.step)
-        dist.barrier()
-        if rank == 0:
-            if final.exists():  # saved at this step before (a resumed run's first save)
-                shutil.rmtree(final)
-            os.replace(staging / tag, final)
-            atomic.write_text(self.root / "latest", tag + "\n")
-            self.prune()
-        dist.barrier()
-        if rank == 0:
-            record = {
-                "step": state.step,
-                "save_s": round(time.perf_counter() - started, 3),
-                "step_s": round(step_seconds, 3),
-            }
-            atomic.write_json(self.root / SAVE_RECORD, record)
-        return final
+        if final.exists():  # saved at this step before (a resumed run's first save)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        atomic.write_text(self.root / "latest", tag + "\n")
+        self.prune()
+        record = {
+            "step": step,
+            "save_s": round(time.perf_counter() - timing["started"], 3),
+            "stall_s": round(timing["stall_s"], 3),
+            "step_s": round(timing["step_s"], 3),
+        }
+        atomic.write_json(self.root / SAVE_RECORD, record)
+
+    def wait(self) -> float:
+        """Wait for the save in flight, if any (raising its error); the seconds waited."""
+        started = time.perf_counter()
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+        return time.perf_counter() - started
 
     def prune(self) -> None:
         """Keep the newest `keep` checkpoints: older ones are moved into `.trash/` at once (a
@@ -230,10 +308,32 @@ class CheckpointManager:
         self._deleter.submit(_empty, trash)  # queued behind a deletion under way
 
     def close(self) -> None:
-        """Wait for a deletion under way (the process should not exit in the middle)."""
-        if self._deleter is not None:
-            self._deleter.shutdown(wait=True)
-            self._deleter = None
+        """Wait for the save and the deletion under way (the process should not exit in the
+        middle of either)."""
+        try:
+            self.wait()
+        finally:
+            for executor in (self._writer, self._deleter):
+                if executor is not None:
+                    executor.shutdown(wait=True)
+            self._writer = self._deleter = None
+
+
+def staged(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of a piece of the state that training will not change under the writer."""
+    if tensor.device.type == "cpu":
+        return tensor.detach().clone()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor.detach(), non_blocking=True)
+
+
+def loss_scale_of(engine) -> dict | None:
+    """fp16's dynamic loss scale, which a bit-identical resume needs."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None:
+        return None
+    values = {name: getattr(scaler, name) for name in LOSS_SCALER if hasattr(scaler, name)}
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in values.items()}
 
 
 def _empty(directory: Path) -> None:
@@ -243,13 +343,16 @@ def _empty(directory: Path) -> None:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A run directory means its latest checkpoint; a checkpoint directory means itself."""
+    """A run directory means its latest checkpoint; a checkpoint directory means itself. One
+    this Kiln cannot read (another format) is refused here."""
     path = Path(path)
     if (path / "trainer_state.json").is_file():
+        read_description(path)
         return path
     for root in (path / "checkpoints", path):
         found = latest_checkpoint(root)
         if found is not None:
+            read_description(found)
             return found
     raise CheckpointError(f"{path}: no checkpoint there (expected a run directory or step_*)")
 

@@ -10,6 +10,7 @@ step alone and needs no scheduler state in checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,6 @@ from .optimizer import (
     mark_replicated_parameters,
     parameter_groups,
 )
-from .weights import LayoutIndependentState, load_into_module, load_optimizer_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -77,16 +77,15 @@ class PipelineLoss:
 
 class TrainEngine:
     """DeepSpeed's engine, the guarded optimizer and the parallel layout, behind two calls.
-    `initial`: a checkpoint written by another layout, whose weights and Adam state this
-    engine starts from (sliced for this rank); `optimizer_restored` says if Adam's was there.
-    `initialize=False` skips drawing the random initial weights: a resume loads them next."""
+    `initialize=False` skips drawing the random initial weights; `prepare_module` is called
+    with the module before DeepSpeed wraps it (a resume loads the weights there)."""
 
     def __init__(
         self,
         cfg: KilnConfig,
         parallel: Parallel,
-        initial: LayoutIndependentState | None = None,
         initialize: bool = True,
+        prepare_module: Callable[[nn.Module], None] | None = None,
     ) -> None:
         import deepspeed
 
@@ -116,10 +115,9 @@ class TrainEngine:
                 checkpoint_blocks=cfg.train.activation_checkpointing,
                 initialize=initialize,
             )
-        tensor_rank, tensor_size = parallel.coordinates.tensor, parallel.layout.tensor
-        if initial is not None:
-            load_into_module(module, initial, cfg.model.num_layers, tensor_rank, tensor_size)
-        mark_replicated_parameters(module, tensor_rank)
+        if prepare_module is not None:
+            prepare_module(module)
+        mark_replicated_parameters(module, parallel.coordinates.tensor)
         optimizer = make_optimizer(parameter_groups(module, cfg.optim), cfg.optim, parallel.device)
         self.guard: NonFiniteGuard = optimizer  # type: ignore[assignment]
         self.loss_fn.guard = self.guard
@@ -141,9 +139,6 @@ class TrainEngine:
             mpu=None if self.pipelined else parallel.grid,
         )
         self.module = module
-        self.optimizer_restored = initial is not None and load_optimizer_state(
-            self, initial, tensor_rank, tensor_size
-        )
 
     @property
     def data_parallel_group(self):

@@ -5,11 +5,10 @@ model's own parameters, and its state is keyed by them. ZeRO 1 and 2 (and DeepSp
 optimizer) flatten fp32 copies of the parameters and partition them across the data-parallel
 ranks; ZeRO 3 partitions the parameters themselves. `OptimizerState` hides the difference: for
 any parameter of this rank's module it reads and writes the whole (this tensor-parallel rank's)
-fp32 master weight, `exp_avg` and `exp_avg_sq`, through DeepSpeed's `safe_get_full_*` and
-`safe_set_full_*` functions where the state is partitioned.
-
-Reading a partitioned state is collective over the data-parallel group: every rank of the group
-must read the same parameters in the same order.
+fp32 master weight, `exp_avg` and `exp_avg_sq`: `fragment` gives the part this rank holds,
+without communication (what checkpoints write and read); `read` gathers the whole tensor
+through DeepSpeed's `safe_get_full_*` functions, collectively over the data-parallel group
+(every rank of the group must read the same parameters in the same order).
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ class OptimizerState:
                 return list(zip(getattr(wrapper, attribute), groups, strict=True))
         raise UnsupportedOptimizer(
             f"{type(wrapper).__name__}: Kiln cannot read its per-parameter optimizer state "
-            "(fp16 without ZeRO); use parallel.zero_stage >= 1 to make checkpoints reshardable"
+            "(fp16 without ZeRO); use parallel.zero_stage >= 1"
         )
 
     # -- the step count ------------------------------------------------------------------
@@ -100,6 +99,25 @@ class OptimizerState:
             return torch.tensor(float(step), device=tensor.device if on_device else "cpu")
         return step  # DeepSpeed's FusedAdam counts in a Python int
 
+    # -- this rank's part of each parameter's state (no communication) --------------------
+    def fragment(self, parameter: nn.Parameter, key: str | None) -> tuple[int, torch.Tensor] | None:
+        """(start, flat): the part of the parameter's fp32 `key` state (None: the fp32 master
+        weights) this rank holds, as the flat range [start, start + numel) of the whole
+        (TP-rank) tensor, and a 1-D view of the live state; None when it holds none."""
+        if not self.partitioned:
+            target = parameter if key is None else self.base.state[parameter][key]
+            return 0, target.data.view(-1)
+        if hasattr(parameter, "ds_id"):  # ZeRO 3: one partition of every parameter per rank
+            zero3 = parameter._z3_optimizer
+            local, _ = zero3._get_fp32_opt_state_partition(parameter, False, key)
+            start = zero3._get_param_partition_rank(parameter) * parameter.ds_tensor.ds_numel
+            numel = max(0, min(local.numel(), parameter.ds_numel - start))  # drop the padding
+            return (start, local.narrow(0, 0, numel)) if numel else None
+        mapping = getattr(parameter, "_hp_mapping", None)  # ZeRO 1/2, DeepSpeed's bf16
+        if mapping is None:
+            return None
+        return mapping.lp_fragment_address.start, mapping.get_hp_fragment(key)
+
     # -- per-parameter tensors -----------------------------------------------------------
     def read(self, parameter: nn.Parameter, key: str) -> torch.Tensor:
         """The whole fp32 `key` (exp_avg, exp_avg_sq or master) of this parameter."""
@@ -114,19 +132,6 @@ class OptimizerState:
         if value is None:
             raise UnsupportedOptimizer(f"no {key} for a parameter of shape {parameter.shape}")
         return value.detach().float().reshape(full_shape(parameter))
-
-    def write(self, parameter: nn.Parameter, key: str, value: torch.Tensor) -> None:
-        """Set this rank's part of the parameter's `key` from its whole (TP-rank) tensor."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        if not self.partitioned:
-            target = parameter if key == MASTER else self.base.state[parameter][key]
-            with torch.no_grad():
-                target.copy_(value.reshape(target.shape))
-        elif key == MASTER:
-            safe_set_full_fp32_param(parameter, value.to(parameter.device))
-        else:
-            safe_set_full_optimizer_state(parameter, value.to(parameter.device), key)
 
 
 def full_shape(parameter: nn.Parameter) -> torch.Size:

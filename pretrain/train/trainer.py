@@ -32,12 +32,13 @@ from pretrain.data.stream import read_manifest
 from pretrain.model.sizing import count_parameters, human_count
 from pretrain.parallel.layout import Layout, init_distributed, pick_device, setup_parallel
 
-from .checkpoint import CheckpointManager, TrainerState, describe_layout, fault_active, layout_of
+from .checkpoint import CheckpointManager, TrainerState, describe_layout, fault_active
 from .engine import Batch, TrainEngine
 from .flops import flops_per_token, mfu, peak_flops
 from .schedule import lr_at
+from .state_pieces import StateLayout
 from .tracking import MetricsLog, WandbTracker
-from .weights import CheckpointError, LayoutIndependentState
+from .weights import CheckpointError
 
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 3, 2
 
@@ -177,13 +178,22 @@ class Trainer:
         layout = Layout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data)
         self.parallel = setup_parallel(layout, device)
         self.data = TrainingData(cfg, self.parallel.coordinates.data)
-        self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.interval)
-        self.resume = self.checkpoints.resume(cfg)
-        initial = None
-        if self.resume is not None and self.resume.reshard:
-            initial = LayoutIndependentState(self.resume.checkpoint, cfg.model.vocab_size)
+        self.layout = state_layout(cfg, self.parallel)
+        self.checkpoints = CheckpointManager(
+            run_dir, cfg.checkpoint.keep, cfg.checkpoint.interval, cfg.checkpoint.async_save
+        )
+        self.resume = self.checkpoints.resume(self.layout)
+        resume = self.resume
         # A resume loads every weight, so the random initialisation is not drawn first.
-        self.engine = TrainEngine(cfg, self.parallel, initial, initialize=self.resume is None)
+        self.engine = TrainEngine(
+            cfg,
+            self.parallel,
+            initialize=resume is None,
+            prepare_module=None
+            if resume is None
+            else lambda module: self.checkpoints.load_weights(module, resume, self.layout),
+        )
+        self.optimizer_restored = False
         self.config_yaml = dump_config(cfg)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.last_step_s = 0.0  # recorded with each save: a stop needs a step and a save
@@ -195,10 +205,10 @@ class Trainer:
         cfg, parallel, resume = self.cfg, self.parallel, self.resume
         if resume is None:
             state = TrainerState()
-        elif resume.reshard:
-            state = TrainerState.read(resume.checkpoint)
         else:
-            state = self.checkpoints.load(self.engine, resume.checkpoint)
+            state, self.optimizer_restored = self.checkpoints.restore(
+                self.engine.module, self.engine.engine, resume, self.layout
+            )
         report = Reporter(cfg, self.run_dir, state.step, parallel.is_logging_rank)
         self._introduce(report, state)
         stop = StopRequest()
@@ -228,11 +238,13 @@ class Trainer:
         if resume.reshard:
             adam = (
                 "with its Adam state"
-                if self.engine.optimizer_restored
-                else "Adam starts afresh (the checkpoint holds no layout-independent Adam state)"
+                if self.optimizer_restored
+                else "Adam starts afresh (the checkpoint holds no Adam state)"
             )
             source = resume.written_by.get("source") or describe_layout(resume.written_by)
-            report.say(f"resharded from {source} to {describe_layout(layout_of(cfg))}, {adam}")
+            report.say(
+                f"resharded from {source} to {describe_layout(self.layout.describe())}, {adam}"
+            )
 
     def _loop(
         self, state: TrainerState, report: Reporter, stop: StopRequest, evaluate_first: bool
@@ -267,6 +279,7 @@ class Trainer:
                 streak = 0
             if streak >= cfg.train.max_skipped_steps:
                 report.log(state.step, values)
+                self.checkpoints.wait()
                 latest = self.checkpoints.latest()
                 report.say(
                     f"kiln train: stopping: {streak} steps in a row had a NaN or Inf loss or "
@@ -284,16 +297,18 @@ class Trainer:
                 report.say(format_line(state.step, cfg.train.steps, values))
             stopping = stop.agreed(self.parallel.device)
             if self.checkpoints.due(state.step, last_saved, stopping):
-                self.save(state, report)
+                self.save(state, report, wait=stopping)
                 last_saved = state.step
             if stopping:
+                self.checkpoints.wait()
                 report.say(
                     f"kiln train: {stop.signal_name or 'stop requested'}: saved step "
                     f"{state.step}; run the same command again to resume"
                 )
                 return EXIT_OK
         if self.checkpoints.due(state.step, last_saved, stopping=True):
-            self.save(state, report)
+            self.save(state, report, wait=True)
+        self.checkpoints.wait()
         if cfg.eval.interval and state.step % cfg.eval.interval:
             val = self.evaluate()
             report.log(state.step, {"val_loss": val, "val_ppl": perplexity(val)})
@@ -303,15 +318,18 @@ class Trainer:
         report.say(f"kiln train: done, {state.step} steps; checkpoint {self.checkpoints.latest()}")
         return EXIT_OK
 
-    def save(self, state: TrainerState, report: Reporter) -> None:
+    def save(self, state: TrainerState, report: Reporter, wait: bool = False) -> None:
         path = self.checkpoints.save(
-            self.engine,
+            self.engine.module,
+            self.engine.engine,
+            self.layout,
             state,
             self.config_yaml,
-            self.cfg.checkpoint.reshardable,
             step_seconds=self.last_step_s,
+            wait=wait,
         )
-        report.say(f"step {state.step}: saved {path}")
+        done = wait or not self.cfg.checkpoint.async_save
+        report.say(f"step {state.step}: {'saved' if done else 'saving'} {path}")
 
     def evaluate(self) -> float:
         size = self.cfg.train.global_batch_size
@@ -336,6 +354,24 @@ class Trainer:
             "memory_mib": memory_mib(self.parallel.device),
             "skipped": result.skipped,
         }
+
+
+def state_layout(cfg: KilnConfig, parallel) -> StateLayout:
+    """What checkpoint code needs to know about this rank's place in the run."""
+    assert cfg.model is not None and cfg.parallel.data is not None
+    coordinates = parallel.coordinates
+    return StateLayout(
+        tensor=cfg.parallel.tensor,
+        pipeline=cfg.parallel.pipeline,
+        data=cfg.parallel.data,
+        zero_stage=cfg.parallel.zero_stage,
+        precision=cfg.train.precision,
+        num_layers=cfg.model.num_layers,
+        vocab_size=cfg.model.vocab_size,
+        tensor_rank=coordinates.tensor,
+        stage=coordinates.pipe,
+        data_rank=coordinates.data,
+    )
 
 
 def perplexity(loss: float) -> float:

@@ -1,272 +1,109 @@
-"""Layout-independent tensors in a checkpoint: written by every layout, read by any.
+"""Reading a checkpoint's tensors: whole, for one process (generation, evaluation, export), or
+the regions one rank of any layout needs to resume.
 
-Beside DeepSpeed's own files (which only the same layout can load), every checkpoint holds
-the model under canonical parameter names, split only as the training layout held it:
-
-    model/layout.json                     the layout that wrote it (TP, PP, DP, ZeRO, precision)
-    model/tpXX_ppYY.safetensors           the weights of tensor rank XX on pipeline stage YY
-    model/tpXX_ppYY.json                  the dimension each tensor is split along across TP
-    optimizer/tpXX_ppYY.KEY.safetensors   Adam's exp_avg and exp_avg_sq (and the fp32 master
-                                          weights when training in bf16/fp16), same names
-    optimizer/state.json                  Adam's step count and the keys present
-
-Concatenating the TP pieces along their dimension and dropping the vocabulary padding gives
-full tensors that do not depend on the layout: what generation, evaluation and export read,
-and what a run resumed under another layout slices for its own ranks (`rank_slice`).
+A checkpoint's tensors are one DCP directory of layout-independent keys (`state_pieces`):
+`model/<name>` (fp32 weights: the master weights of a bf16/fp16 run), and Adam's
+`optimizer/exp_avg/<name>` and `optimizer/exp_avg_sq/<name>`, with exactly the model's
+vocabulary rows. `checkpoint.json` beside them says the format, the layout that wrote it and
+Adam's step count.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from data_pipeline import atomic
-from pretrain.model.pipeline import canonical_name
+from .dcp_io import CheckpointShapeError, Target, load_regions, read_metadata
+from .optimizer_state import MOMENTS, OptimizerState
+from .state_pieces import (
+    MODEL,
+    VOCAB_PADDED,
+    Piece,
+    StateLayout,
+    canonical_parameters,
+    global_shape,
+    local_shape,
+    partition_dim,
+    rank_pieces,
+    state_key,
+)
 
-from .optimizer_state import MASTER, MOMENTS, OptimizerState, UnsupportedOptimizer, full_shape
-
-VOCAB_PADDED = ("embedding.tokens.weight", "output.projection.weight")
-FORMAT = 2
+FORMAT = 3
+DESCRIPTION = "checkpoint.json"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or of another model."""
+    """A checkpoint that is missing, incomplete, of another model or of another format."""
 
 
-def shard_name(tensor_rank: int, stage: int) -> str:
-    return f"tp{tensor_rank:02d}_pp{stage:02d}"
-
-
-# -- writing (every rank of the training layout) ----------------------------------------------
-def save_layout_independent(train_engine, checkpoint: Path, with_optimizer: bool) -> None:
-    """This (tensor, pipeline) position's weights, and its optimizer state when asked, under
-    canonical names, written by its data-parallel rank 0. Collective: ZeRO-3 weights and
-    partitioned optimizer states are gathered over the data-parallel group first."""
-    import deepspeed
-
-    cfg, parallel = train_engine.cfg, train_engine.parallel
-    coords, writer = parallel.coordinates, parallel.coordinates.data == 0
-    parameters = canonical_parameters(train_engine.module, cfg.model.num_layers)
-    shard = shard_name(coords.tensor, coords.pipe)
-    gather = cfg.parallel.zero_stage == 3
-    context = (
-        deepspeed.zero.GatheredParameters([p for _, p in parameters], modifier_rank=None)
-        if gather
-        else contextlib.nullcontext()
-    )
-    with context:
-        weights = {name: p.detach().to("cpu").contiguous().clone() for name, p in parameters}
-    if writer:
-        model_dir = checkpoint / "model"
-        model_dir.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(model_dir / f"{shard}.safetensors"))
-        dims = {name: partition_dim(p) for name, p in parameters}
-        atomic.write_json(model_dir / f"{shard}.json", {"partition_dims": dims})
-    if parallel.rank == 0:
-        layout = parallel.layout
-        atomic.write_json(
-            checkpoint / "model" / "layout.json",
-            {
-                "format": FORMAT,
-                "tensor": layout.tensor,
-                "pipeline": layout.pipeline,
-                "data": layout.data,
-                "zero_stage": cfg.parallel.zero_stage,
-                "precision": cfg.train.precision,
-                "deepspeed": True,
-            },
+def read_description(checkpoint: Path) -> dict:
+    """`checkpoint.json`: format, the layout that wrote it, Adam's step; one clear line for
+    anything else (an older Kiln's checkpoint, or no checkpoint)."""
+    checkpoint = Path(checkpoint)
+    described = checkpoint / DESCRIPTION
+    if not described.is_file():
+        old = checkpoint / "model" / "layout.json"
+        if old.is_file():
+            version = json.loads(old.read_text()).get("format", 1)
+            raise CheckpointError(
+                f"{checkpoint}: Kiln checkpoint format {version} (DeepSpeed's files beside "
+                f"safetensors copies); this Kiln reads format {FORMAT} only: export or resume it "
+                "with the Kiln release that wrote it"
+            )
+        raise CheckpointError(f"{checkpoint}: no {DESCRIPTION}, not a Kiln checkpoint")
+    description = json.loads(described.read_text())
+    if description.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{checkpoint}: Kiln checkpoint format {description.get('format')}; this Kiln "
+            f"reads format {FORMAT}"
         )
-    if with_optimizer:
-        save_optimizer_state(train_engine, parameters, checkpoint / "optimizer", shard, writer)
+    return description
 
 
-def save_optimizer_state(
-    train_engine, parameters: list[tuple[str, nn.Parameter]], directory: Path, shard: str, writer
-) -> None:
-    try:
-        state = OptimizerState(train_engine.engine)
-    except UnsupportedOptimizer as error:
-        if train_engine.parallel.rank == 0:
-            print(f"kiln train: optimizer state not saved for resharding: {error}", flush=True)
-        return
-    if not state.has_moments():
-        return  # no update applied yet: nothing to carry over
-    keys = list(MOMENTS)
-    if train_engine.cfg.train.precision != "fp32":
-        keys.append(MASTER)
-    for key in keys:
-        values = {}
-        for name, parameter in parameters:
-            value = state.read(parameter, key)  # collective under ZeRO
-            if writer:
-                values[name] = value.to("cpu").contiguous().clone()
-        if writer:
-            directory.mkdir(parents=True, exist_ok=True)
-            save_file(values, str(directory / f"{shard}.{key}.safetensors"))
-    if train_engine.parallel.rank == 0:
-        atomic.write_json(directory / "state.json", {"step": state.step_count(), "keys": keys})
+class CheckpointTensors:
+    """Whole tensors of a checkpoint under canonical names, read in one process.
+    `kind` is "model" (the fp32 weights), "exp_avg" or "exp_avg_sq"."""
 
-
-def canonical_parameters(module: nn.Module, num_layers: int) -> list[tuple[str, nn.Parameter]]:
-    """(canonical name, parameter) of a Transformer or pipeline stage, each name once."""
-    out, seen = [], set()
-    for name, parameter in module.named_parameters():
-        canonical = canonical_name(name, num_layers)
-        if canonical not in seen:
-            seen.add(canonical)
-            out.append((canonical, parameter))
-    return out
-
-
-def partition_dim(parameter: nn.Parameter) -> int | None:
-    """The dimension a parameter is split along across TP ranks; None when replicated."""
-    if getattr(parameter, "tensor_model_parallel", False):
-        return int(parameter.partition_dim)
-    return None
-
-
-# -- reading (any layout, or none) -------------------------------------------------------------
-class LayoutIndependentState:
-    """Full tensors of a checkpoint under canonical names, with exactly `vocab_size`
-    vocabulary rows. `kind` is "model" (the weights), "exp_avg", "exp_avg_sq" or "master"."""
-
-    def __init__(self, checkpoint: Path, vocab_size: int) -> None:
+    def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = Path(checkpoint)
-        self.vocab_size = vocab_size
-        model_dir = self.checkpoint / "model"
-        layout_file = model_dir / "layout.json"
-        if not layout_file.is_file():
-            raise CheckpointError(f"{model_dir}: no layout.json, not a Kiln checkpoint")
-        self.layout = json.loads(layout_file.read_text())
-        self.sources: dict[str, tuple[int, int | None]] = {}  # name -> (stage, TP dimension)
-        for stage in range(self.layout["pipeline"]):
-            for tensor_rank in range(self.layout["tensor"]):
-                shard = model_dir / shard_name(tensor_rank, stage)
-                if not shard.with_suffix(".safetensors").is_file():
-                    raise CheckpointError(f"{shard}.safetensors is missing")
-            dims = json.loads((model_dir / f"{shard_name(0, stage)}.json").read_text())
-            for name, dim in dims["partition_dims"].items():
-                self.sources.setdefault(name, (stage, dim))  # a tied embedding: stage 0's
-        optimizer_file = self.checkpoint / "optimizer" / "state.json"
-        optimizer = json.loads(optimizer_file.read_text()) if optimizer_file.is_file() else {}
-        self.optimizer_step: int | None = optimizer.get("step")
-        self.optimizer_keys: list[str] = optimizer.get("keys", [])
+        self.description = read_description(self.checkpoint)
+        self.layout: dict = self.description["layout"]
+        self.optimizer_step: int | None = self.description.get("optimizer_step")
+        self.shapes = {
+            key: tuple(md.size)
+            for key, md in read_metadata(self.checkpoint).state_dict_metadata.items()
+            if hasattr(md, "size")
+        }
 
     def names(self) -> list[str]:
-        return list(self.sources)
+        prefix = MODEL + "/"
+        return [key[len(prefix) :] for key in self.shapes if key.startswith(prefix)]
 
     def has(self, kind: str) -> bool:
-        return kind == "model" or kind in self.optimizer_keys
+        return any(key.startswith(state_key(kind, "")) for key in self.shapes)
 
-    def _file(self, kind: str, tensor_rank: int, stage: int) -> Path:
-        shard = shard_name(tensor_rank, stage)
-        if kind == "model":
-            return self.checkpoint / "model" / f"{shard}.safetensors"
-        return self.checkpoint / "optimizer" / f"{shard}.{kind}.safetensors"
+    def tensor(self, name: str, kind: str = MODEL) -> torch.Tensor:
+        return self.weights(kind, [name])[name]
 
-    def tensor(self, name: str, kind: str = "model") -> torch.Tensor:
-        if name not in self.sources:
-            raise CheckpointError(f"{self.checkpoint}: no tensor {name}")
-        stage, dim = self.sources[name]
-        ranks = range(self.layout["tensor"]) if dim is not None else range(1)
-        parts = []
-        for tensor_rank in ranks:
-            path = self._file(kind, tensor_rank, stage)
-            if not path.is_file():
-                raise CheckpointError(f"{path} is missing")
-            with safe_open(str(path), framework="pt") as shard:
-                parts.append(shard.get_tensor(name))
-        full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-        if name in VOCAB_PADDED:
-            full = full[: self.vocab_size].clone()
-        return full
-
-    def weights(self, kind: str = "model") -> dict[str, torch.Tensor]:
-        return {name: self.tensor(name, kind) for name in self.names()}
+    def weights(self, kind: str = MODEL, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The full fp32 tensors of `kind` (all of them, or `names`): one read."""
+        out, targets = {}, []
+        for name in names if names is not None else self.names():
+            key = state_key(kind, name)
+            if key not in self.shapes:
+                raise CheckpointError(f"{self.checkpoint}: no tensor {key}")
+            out[name] = torch.empty(self.shapes[key], dtype=torch.float32)
+            targets.append(Target(key, self.shapes[key], (0,) * len(self.shapes[key]), out[name]))
+        load_regions(self.checkpoint, targets)
+        return out
 
 
-def consolidated_weights(checkpoint: Path, vocab_size: int) -> dict[str, torch.Tensor]:
-    """Full weights under canonical names, with exactly `vocab_size` vocabulary rows."""
-    return LayoutIndependentState(checkpoint, vocab_size).weights()
-
-
-def rank_slice(
-    full: torch.Tensor, name: str, shape: torch.Size, dim: int | None, rank: int, size: int
-) -> torch.Tensor:
-    """TP rank `rank` of `size`'s piece of a full tensor, for a parameter of this rank's
-    `shape` split along `dim`; vocabulary rows are zero-padded to the layout's padding."""
-    if dim is None:
-        piece = full
-    else:
-        width = shape[dim]
-        if name in VOCAB_PADDED and full.shape[0] < width * size:
-            padding = full.new_zeros((width * size - full.shape[0], *full.shape[1:]))
-            full = torch.cat([full, padding])
-        piece = full.narrow(dim, rank * width, width) if full.shape[dim] == width * size else None
-    if piece is None or piece.shape != shape:
-        raise CheckpointError(
-            f"{name}: the checkpoint's shape {tuple(full.shape)} does not fit this model "
-            f"({tuple(shape)} on each of {size} tensor-parallel ranks)"
-        )
-    return piece
-
-
-def load_into_module(
-    module: nn.Module,
-    state: LayoutIndependentState,
-    num_layers: int,
-    tensor_rank: int,
-    tensor_size: int,
-) -> None:
-    """Copy a checkpoint's weights (its fp32 master weights where it has them) into this
-    rank's module, before DeepSpeed wraps it."""
-    kind = MASTER if state.has(MASTER) else "model"
-    names = {name for name, _ in canonical_parameters(module, num_layers)}
-    missing = sorted(names - set(state.names()))
-    if missing:
-        raise CheckpointError(f"{state.checkpoint}: the model's {missing[:3]} are not there")
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            canonical = canonical_name(name, num_layers)
-            full = state.tensor(canonical, kind)
-            piece = rank_slice(
-                full, canonical, parameter.shape, partition_dim(parameter), tensor_rank, tensor_size
-            )
-            parameter.copy_(piece)
-
-
-def load_optimizer_state(
-    train_engine, state: LayoutIndependentState, tensor_rank: int, tensor_size: int
-) -> bool:
-    """Fill a fresh engine's Adam state from the checkpoint's; False when it has none."""
-    if state.optimizer_step is None:
-        return False
-    optimizer = OptimizerState(train_engine.engine)
-    optimizer.create(state.optimizer_step)
-    keys = list(MOMENTS)
-    if train_engine.cfg.train.precision != "fp32":
-        keys.append(MASTER)
-    num_layers = train_engine.cfg.model.num_layers
-    for name, parameter in train_engine.module.named_parameters():
-        canonical = canonical_name(name, num_layers)
-        for key in keys:
-            source = key if state.has(key) else "model"  # fp32 runs keep no separate master
-            piece = rank_slice(
-                state.tensor(canonical, source),
-                canonical,
-                full_shape(parameter),
-                partition_dim(parameter),
-                tensor_rank,
-                tensor_size,
-            )
-            optimizer.write(parameter, key, piece.float())
-    return True
+def consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights under canonical names, with exactly the model's vocabulary rows."""
+    return CheckpointTensors(checkpoint).weights()
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -291,3 +128,62 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
                 )
             else:
                 parameter.copy_(source)
+
+
+# -- a resume: each rank reads the regions it holds ------------------------------------------
+def _load(checkpoint: Path, targets: list[Target], objects: list[str], group) -> dict:
+    try:
+        return load_regions(checkpoint, targets, objects, group)
+    except CheckpointShapeError as error:
+        raise CheckpointError(f"{checkpoint}: {error}") from None
+    except Exception as error:  # DCP wraps each rank's failure; the cause names the key
+        cause = getattr(error, "failures", None)
+        raise CheckpointError(
+            f"{checkpoint}: cannot be read by this model: {cause or error}"
+        ) from None
+
+
+def load_module_weights(
+    module: nn.Module, checkpoint: Path, layout: StateLayout, group=None
+) -> None:
+    """Collective: fill this rank's module (before DeepSpeed wraps it) with its
+    tensor-parallel slice of every weight, from the fp32 weights; padding rows are zero."""
+    targets, copies = [], []
+    with torch.no_grad():
+        for name, parameter in canonical_parameters(module, layout.num_layers):
+            fp32 = parameter.data.dtype == torch.float32 and parameter.data.is_contiguous()
+            holder = parameter.data if fp32 else torch.empty_like(parameter, dtype=torch.float32)
+            holder.zero_()
+            piece = Piece(
+                key=state_key(MODEL, name),
+                global_shape=global_shape(name, parameter, layout),
+                local_shape=local_shape(parameter),
+                tp_dim=partition_dim(parameter),
+                tp_rank=layout.tensor_rank,
+                start=0,
+                flat=holder.view(-1),
+            )
+            targets += [
+                Target(piece.key, piece.global_shape, b.offsets, b.tensor) for b in piece.boxes()
+            ]
+            if not fp32:
+                copies.append((parameter, holder))
+        _load(checkpoint, targets, [], group)
+        for parameter, holder in copies:
+            parameter.data.copy_(holder)
+
+
+def load_optimizer_state(
+    module: nn.Module, engine, checkpoint: Path, layout: StateLayout, step: int, group=None
+) -> None:
+    """Collective: give a fresh engine Adam's state at `step`, and its fp32 master weights
+    where they are kept apart from the module's (bf16/fp16), each rank reading its part."""
+    OptimizerState(engine).create(step)
+    kinds = MOMENTS if layout.precision == "fp32" else (MODEL, *MOMENTS)
+    pieces = rank_pieces(module, engine, layout, kinds, for_writing=False)
+    targets = [
+        Target(piece.key, piece.global_shape, box.offsets, box.tensor)
+        for piece in pieces
+        for box in piece.boxes()
+    ]
+    _load(checkpoint, targets, [], group)

@@ -1,0 +1,233 @@
+"""What one rank owns of the training state, as boxes of layout-independent tensors.
+
+Every checkpointed tensor has a canonical, layout-independent key and global shape:
+
+    model/<name>                  the fp32 weights (the master weights when training in bf16/fp16)
+    optimizer/exp_avg/<name>      Adam's first moment
+    optimizer/exp_avg_sq/<name>   Adam's second moment
+
+where `<name>` is the parameter's canonical name (`embedding.tokens.weight`, `blocks.0...`) and
+the global shape is the one-rank model's (exactly `vocab_size` vocabulary rows). A rank holds a
+*piece* of each: its tensor-parallel slice, and of that, when ZeRO or DeepSpeed's bf16
+optimizer partitions the fp32 state, a contiguous range of the flattened slice. A flat range
+is a union of at most a few rectangles (`flat_range_boxes`); those rectangles, shifted to the
+rank's tensor-parallel offset and cut at the real vocabulary, are the chunks a checkpoint
+stores and the regions a resume reads (`Piece.boxes`).
+
+Where nothing partitions the state (ZeRO 0 in fp32) every data-parallel replica holds it all:
+each parameter's pieces are then written by one replica, chosen to balance bytes
+(`balanced_owners`). Pieces replicated across tensor-parallel ranks (norms) are offered by
+every such rank and DCP's planner keeps one copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pretrain.model.pipeline import canonical_name
+
+from .optimizer_state import MOMENTS, OptimizerState
+
+VOCAB_PADDED = ("embedding.tokens.weight", "output.projection.weight")
+MODEL = "model"
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The frozen facts checkpoint code needs about a rank's place in a run, built once."""
+
+    tensor: int
+    pipeline: int
+    data: int
+    zero_stage: int
+    precision: str
+    num_layers: int
+    vocab_size: int
+    tensor_rank: int
+    stage: int
+    data_rank: int
+
+    def describe(self) -> dict:
+        """What `checkpoint.json` records of the layout that wrote a checkpoint."""
+        return {
+            "tensor": self.tensor,
+            "pipeline": self.pipeline,
+            "data": self.data,
+            "zero_stage": self.zero_stage,
+            "precision": self.precision,
+        }
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle of a global tensor (`offsets`, `sizes`) and the rank's tensor holding it."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    tensor: torch.Tensor
+
+
+@dataclass
+class Piece:
+    """This rank's part of one checkpointed tensor: the flat range [start, start + numel) of
+    its tensor-parallel slice (shape `local_shape`, split along `tp_dim` at `tp_rank`)."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    tp_dim: int | None
+    tp_rank: int
+    start: int
+    flat: torch.Tensor  # 1-D, numel elements; a view of the live state
+
+    def boxes(self) -> list[Box]:
+        out = []
+        for offsets, sizes, first in flat_range_boxes(
+            self.local_shape, self.start, self.start + self.flat.numel()
+        ):
+            offsets = list(offsets)
+            if self.tp_dim is not None:
+                offsets[self.tp_dim] += self.tp_rank * self.local_shape[self.tp_dim]
+            sizes = list(sizes)
+            if sizes:  # vocabulary padding rows (ids >= vocab_size) are not part of the state
+                rows = self.global_shape[0] - offsets[0]
+                if rows <= 0:
+                    continue
+                sizes[0] = min(sizes[0], rows)
+            numel = math.prod(sizes)
+            view = self.flat.narrow(0, first - self.start, numel).view(sizes)
+            out.append(Box(tuple(offsets), tuple(sizes), view))
+        return out
+
+
+def flat_range_boxes(
+    shape: tuple[int, ...], start: int, stop: int
+) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """The flat range [start, stop) of a row-major tensor of `shape` as rectangles
+    (offsets, sizes, flat index of their first element), in order; each is contiguous."""
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [((start,) if shape else (), (stop - start,) if shape else (), start)]
+    inner = math.prod(shape[1:])
+    first_row, last_row = start // inner, (stop - 1) // inner
+    if first_row == last_row:  # within one leading index: a box of the inner dimensions
+        base = first_row * inner
+        return [
+            ((first_row, *offsets), (1, *sizes), base + first)
+            for offsets, sizes, first in flat_range_boxes(shape[1:], start - base, stop - base)
+        ]
+    out = []
+    full_from = -(-start // inner)  # the first whole row
+    full_to = stop // inner  # one past the last whole row
+    if start % inner:
+        out += flat_range_boxes(shape, start, full_from * inner)
+    if full_to > full_from:
+        zeros = (0,) * (len(shape) - 1)
+        out.append(((full_from, *zeros), (full_to - full_from, *shape[1:]), full_from * inner))
+    if stop % inner:
+        out += flat_range_boxes(shape, full_to * inner, stop)
+    return out
+
+
+def partition_dim(parameter: nn.Parameter) -> int | None:
+    """The dimension a parameter is split along across TP ranks; None when replicated."""
+    if getattr(parameter, "tensor_model_parallel", False):
+        return int(parameter.partition_dim)
+    return None
+
+
+def canonical_parameters(module: nn.Module, num_layers: int) -> list[tuple[str, nn.Parameter]]:
+    """(canonical name, parameter) of a Transformer or pipeline stage, each name once."""
+    out, seen = [], set()
+    for name, parameter in module.named_parameters():
+        canonical = canonical_name(name, num_layers)
+        if canonical not in seen:
+            seen.add(canonical)
+            out.append((canonical, parameter))
+    return out
+
+
+def local_shape(parameter: nn.Parameter) -> tuple[int, ...]:
+    """This TP rank's shape of a parameter, also when ZeRO 3 has partitioned it away."""
+    return tuple(getattr(parameter, "ds_shape", parameter.shape))
+
+
+def global_shape(name: str, parameter: nn.Parameter, layout: StateLayout) -> tuple[int, ...]:
+    shape = list(local_shape(parameter))
+    dim = partition_dim(parameter)
+    if dim is not None:
+        shape[dim] *= layout.tensor
+    if name in VOCAB_PADDED:
+        shape[0] = layout.vocab_size
+    return tuple(shape)
+
+
+def state_key(kind: str, name: str) -> str:
+    return f"{MODEL}/{name}" if kind == MODEL else f"optimizer/{kind}/{name}"
+
+
+def balanced_owners(sizes: list[int], owners: int) -> list[int]:
+    """For replicated tensors of these sizes, the replica that writes each: largest first,
+    each to the least-loaded replica (the same answer on every replica)."""
+    load = [0] * owners
+    owner = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        best = min(range(owners), key=lambda r: (load[r], r))
+        owner[index] = best
+        load[best] += sizes[index]
+    return owner
+
+
+def rank_pieces(
+    module: nn.Module,
+    engine,
+    layout: StateLayout,
+    kinds: tuple[str, ...],
+    for_writing: bool,
+) -> list[Piece]:
+    """This rank's pieces of the weights and optimizer state `kinds` ("model", "exp_avg",
+    "exp_avg_sq"). `for_writing` leaves out what another rank writes: a tied embedding's copy
+    on a later pipeline stage, and replicas of unpartitioned state on other data ranks."""
+    optimizer = OptimizerState(engine)
+    parameters = canonical_parameters(module, layout.num_layers)
+    owners = None
+    if not optimizer.partitioned:
+        owners = balanced_owners([p.numel() for _, p in parameters], layout.data)
+    pieces = []
+    for index, (name, parameter) in enumerate(parameters):
+        if for_writing and is_tied_copy(name, layout):
+            continue
+        if for_writing and owners is not None and owners[index] != layout.data_rank:
+            continue
+        for kind in kinds:
+            fragment = optimizer.fragment(parameter, None if kind == MODEL else kind)
+            if fragment is None:
+                continue
+            start, flat = fragment
+            pieces.append(
+                Piece(
+                    key=state_key(kind, name),
+                    global_shape=global_shape(name, parameter, layout),
+                    local_shape=local_shape(parameter),
+                    tp_dim=partition_dim(parameter),
+                    tp_rank=layout.tensor_rank,
+                    start=start,
+                    flat=flat,
+                )
+            )
+    return pieces
+
+
+def is_tied_copy(name: str, layout: StateLayout) -> bool:
+    """A tied embedding on a later pipeline stage: stage 0 holds the same weights and state."""
+    return layout.stage > 0 and name == "embedding.tokens.weight"
+
+
+def optimizer_kinds(engine) -> tuple[str, ...]:
+    """The optimizer state to checkpoint: Adam's moments once it has taken a step."""
+    return MOMENTS if OptimizerState(engine).has_moments() else ()
