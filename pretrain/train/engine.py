@@ -10,6 +10,7 @@ step alone and needs no scheduler state in checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,26 +96,12 @@ class TrainEngine:
         dtype = DTYPES[cfg.train.precision]
         self.loss_fn = PipelineLoss(cfg.model.vocab_size)
         module: nn.Module
-        if self.pipelined:
-            module = build_pipeline(
-                cfg.model,
-                parallel.topology,
-                seed=cfg.train.seed,
-                dtype=dtype,
-                partition=cfg.parallel.pipeline_partition,
-                checkpoint_blocks=cfg.train.activation_checkpointing,
-                loss_fn=self.loss_fn,
-                initialize=initialize,
-            )
-        else:
-            module = Transformer(
-                cfg.model,
-                tensor=parallel.layout.tensor,
-                seed=cfg.train.seed,
-                dtype=dtype,
-                checkpoint_blocks=cfg.train.activation_checkpointing,
-                initialize=initialize,
-            )
+        # On a GPU the weights are drawn there: megatron-core's CPU-style initialisation draws
+        # each full weight on the default device and keeps this rank's slice, so every layout
+        # still gets the same full weights (for a given device type), without minutes of CPU.
+        on_device = torch.device(parallel.device) if parallel.device.type == "cuda" else None
+        with on_device or contextlib.nullcontext():
+            module = self._build_module(cfg, parallel, dtype, initialize)
         if prepare_module is not None:
             prepare_module(module)
         mark_replicated_parameters(module, parallel.coordinates.tensor)
@@ -139,6 +126,28 @@ class TrainEngine:
             mpu=None if self.pipelined else parallel.grid,
         )
         self.module = module
+
+    def _build_module(self, cfg: KilnConfig, parallel: Parallel, dtype, initialize: bool):
+        assert cfg.model is not None
+        if self.pipelined:
+            return build_pipeline(
+                cfg.model,
+                parallel.topology,
+                seed=cfg.train.seed,
+                dtype=dtype,
+                partition=cfg.parallel.pipeline_partition,
+                checkpoint_blocks=cfg.train.activation_checkpointing,
+                loss_fn=self.loss_fn,
+                initialize=initialize,
+            )
+        return Transformer(
+            cfg.model,
+            tensor=parallel.layout.tensor,
+            seed=cfg.train.seed,
+            dtype=dtype,
+            checkpoint_blocks=cfg.train.activation_checkpointing,
+            initialize=initialize,
+        )
 
     @property
     def data_parallel_group(self):

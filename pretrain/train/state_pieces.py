@@ -17,7 +17,8 @@ stores and the regions a resume reads (`Piece.boxes`).
 Where nothing partitions the state (ZeRO 0 in fp32) every data-parallel replica holds it all:
 each parameter's pieces are then written by one replica, chosen to balance bytes
 (`balanced_owners`). Pieces replicated across tensor-parallel ranks (norms) are offered by
-every such rank and DCP's planner keeps one copy.
+every such rank and DCP's planner keeps one copy. A tied embedding, held by the first and the
+last pipeline stage alike, is written half by each (`tied_rows`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .optimizer_state import MOMENTS, OptimizerState
 
 VOCAB_PADDED = ("embedding.tokens.weight", "output.projection.weight")
 MODEL = "model"
+TIED = "embedding.tokens.weight"  # kept on the first and the last stage when tied
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Piece:
     tp_rank: int
     start: int
     flat: torch.Tensor  # 1-D, numel elements; a view of the live state
+    rows: tuple[int, int] | None = None  # only these global rows (dim 0), when set
 
     def boxes(self) -> list[Box]:
         out = []
@@ -100,6 +103,13 @@ class Piece:
                 sizes[0] = min(sizes[0], rows)
             numel = math.prod(sizes)
             view = self.flat.narrow(0, first - self.start, numel).view(sizes)
+            if self.rows is not None:  # rows [low, high) only: a narrower block of rows
+                low = max(self.rows[0], offsets[0])
+                high = min(self.rows[1], offsets[0] + sizes[0])
+                if high <= low:
+                    continue
+                view = view.narrow(0, low - offsets[0], high - low)
+                offsets[0], sizes[0] = low, high - low
             out.append(Box(tuple(offsets), tuple(sizes), view))
         return out
 
@@ -191,17 +201,19 @@ def rank_pieces(
     for_writing: bool,
 ) -> list[Piece]:
     """This rank's pieces of the weights and optimizer state `kinds` ("model", "exp_avg",
-    "exp_avg_sq"). `for_writing` leaves out what another rank writes: a tied embedding's copy
-    on a later pipeline stage, and replicas of unpartitioned state on other data ranks."""
+    "exp_avg_sq"). `for_writing` leaves out what another rank writes: the other stage's half
+    of a tied embedding, and replicas of unpartitioned state on other data ranks."""
     optimizer = OptimizerState(engine)
     parameters = canonical_parameters(module, layout.num_layers)
+    tied = bool(getattr(module, "tied_modules", None))  # DeepSpeed's PipelineModule
     owners = None
     if not optimizer.partitioned:
         owners = balanced_owners([p.numel() for _, p in parameters], layout.data)
     pieces = []
     for index, (name, parameter) in enumerate(parameters):
-        if for_writing and is_tied_copy(name, layout):
-            continue
+        rows = None
+        if for_writing and tied and name == TIED:
+            rows = tied_rows(layout)
         if for_writing and owners is not None and owners[index] != layout.data_rank:
             continue
         for kind in kinds:
@@ -218,14 +230,17 @@ def rank_pieces(
                     tp_rank=layout.tensor_rank,
                     start=start,
                     flat=flat,
+                    rows=rows,
                 )
             )
     return pieces
 
 
-def is_tied_copy(name: str, layout: StateLayout) -> bool:
-    """A tied embedding on a later pipeline stage: stage 0 holds the same weights and state."""
-    return layout.stage > 0 and name == "embedding.tokens.weight"
+def tied_rows(layout: StateLayout) -> tuple[int, int]:
+    """The vocabulary rows of a tied embedding a stage writes: the first and the last stage
+    hold the same weights and Adam state, so each writes half of the rows."""
+    half = layout.vocab_size // 2
+    return (0, half) if layout.stage == 0 else (half, layout.vocab_size)
 
 
 def optimizer_kinds(engine) -> tuple[str, ...]:
