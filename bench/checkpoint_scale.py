@@ -287,6 +287,7 @@ def summarise(name: str, ranks: list[dict], unique: int) -> dict:
         row[f"{side}_disk_ratio"] = rank0[f"{side}_disk"] / unique
         row[f"{side}_busiest_mean"] = max(written) / (sum(written) / len(written))
         row[f"{side}_busiest_gb"] = max(written) / 1e9
+        row[f"{side}_written_gb"] = [round(w / 1e9, 3) for w in written]
         row[f"{side}_memory_share"] = max(r[key]["added"] for r in ranks) / share
         row[f"{side}_save_s"] = max(r[key]["s"] for r in ranks)
     row["async_blocked_s"] = max(r["kiln_async"]["blocked_s"] for r in ranks)

@@ -272,8 +272,14 @@ def resume_from_step_9(source: Path, run_dir: Path) -> None:
         ("tp2-pp2", ["parallel.tensor=1", "parallel.pipeline=1", "parallel.zero_stage=1"]),
         ("tp2-pp2", ["parallel.tensor=2", "parallel.pipeline=1", "parallel.zero_stage=2"]),
         ("dp2-zero3", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=0"]),
+        ("tp2-pp2", ["parallel.tensor=1", "parallel.pipeline=1", "parallel.zero_stage=3"]),
     ],
-    ids=["tp2pp2-to-dp4-zero1", "tp2pp2-to-tp2dp2-zero2", "dp2zero3-to-tp2pp2"],
+    ids=[
+        "tp2pp2-to-dp4-zero1",
+        "tp2pp2-to-tp2dp2-zero2",
+        "dp2zero3-to-tp2pp2",
+        "tp2pp2-to-dp4-zero3",
+    ],
 )
 def test_a_checkpoint_resumes_under_another_layout(runs, data, tmp_path, source, target):
     reference = runs(source)

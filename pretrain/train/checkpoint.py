@@ -54,8 +54,8 @@ from .weights import (
     DESCRIPTION,
     FORMAT,
     CheckpointError,
+    load_engine_state,
     load_module_weights,
-    load_optimizer_state,
     read_description,
 )
 
@@ -169,8 +169,10 @@ class CheckpointManager:
         return Resume(path, reshard, written_by, description)
 
     def load_weights(self, module: nn.Module, resume: Resume, layout: StateLayout) -> None:
-        """Collective: this rank's slice of every weight, before DeepSpeed wraps the module."""
-        load_module_weights(module, resume.checkpoint, layout, self.group)
+        """Collective: this rank's slice of every weight, before DeepSpeed wraps the module
+        (ZeRO 3 reads its partitions later, in `restore`)."""
+        if layout.zero_stage != 3:
+            load_module_weights(module, resume.checkpoint, layout, self.group)
 
     def restore(
         self, module: nn.Module, engine, resume: Resume, layout: StateLayout
@@ -179,8 +181,7 @@ class CheckpointManager:
         random states and the trainer state; also whether Adam's state was there."""
         description = resume.description
         step = description.get("optimizer_step")
-        if step is not None:
-            load_optimizer_state(module, engine, resume.checkpoint, layout, step, self.group)
+        load_engine_state(module, engine, resume.checkpoint, layout, step, self.group)
         scaler = getattr(engine.optimizer, "loss_scaler", None)
         for name, value in (description.get("loss_scale") or {}).items():
             if scaler is not None and hasattr(scaler, name):

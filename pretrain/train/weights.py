@@ -147,7 +147,9 @@ def load_module_weights(
     module: nn.Module, checkpoint: Path, layout: StateLayout, group=None
 ) -> None:
     """Collective: fill this rank's module (before DeepSpeed wraps it) with its
-    tensor-parallel slice of every weight, from the fp32 weights; padding rows are zero."""
+    tensor-parallel slice of every weight, from the fp32 weights; padding rows are zero.
+    Under ZeRO 0-2 every data-parallel rank holds these whole slices; ZeRO 3 reads only its
+    partitions once DeepSpeed has made them (`load_engine_state`)."""
     targets, copies = [], []
     with torch.no_grad():
         for name, parameter in canonical_parameters(module, layout.num_layers):
@@ -173,13 +175,20 @@ def load_module_weights(
             parameter.data.copy_(holder)
 
 
-def load_optimizer_state(
-    module: nn.Module, engine, checkpoint: Path, layout: StateLayout, step: int, group=None
+def load_engine_state(
+    module: nn.Module, engine, checkpoint: Path, layout: StateLayout, step: int | None, group=None
 ) -> None:
-    """Collective: give a fresh engine Adam's state at `step`, and its fp32 master weights
-    where they are kept apart from the module's (bf16/fp16), each rank reading its part."""
-    OptimizerState(engine).create(step)
-    kinds = MOMENTS if layout.precision == "fp32" else (MODEL, *MOMENTS)
+    """Collective: give a fresh engine Adam's state at `step` (None: the checkpoint has none),
+    and the fp32 master weights where they are kept apart from the module's (bf16/fp16, and
+    ZeRO 3, whose module weights are read here too), each rank reading only its partition."""
+    kinds: tuple[str, ...] = ()
+    if step is not None:
+        OptimizerState(engine).create(step)
+        kinds = MOMENTS
+    if layout.precision != "fp32" or layout.zero_stage == 3:
+        kinds = (MODEL, *kinds)
+    if not kinds:
+        return
     pieces = rank_pieces(module, engine, layout, kinds, for_writing=False)
     targets = [
         Target(piece.key, piece.global_shape, box.offsets, box.tensor)
@@ -187,3 +196,17 @@ def load_optimizer_state(
         for box in piece.boxes()
     ]
     _load(checkpoint, targets, [], group)
+    if layout.zero_stage == 3:
+        copy_master_into_partitions(module, engine)
+
+
+def copy_master_into_partitions(module: nn.Module, engine) -> None:
+    """ZeRO 3: each rank's partition of the module's weights from its fp32 master partition,
+    as DeepSpeed does after an optimizer step."""
+    optimizer = OptimizerState(engine)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            fragment = optimizer.fragment(parameter, None)
+            if fragment is not None:
+                _, master = fragment
+                parameter.ds_tensor.data.view(-1)[: master.numel()].copy_(master)
