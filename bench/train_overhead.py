@@ -15,9 +15,9 @@ weights and biases), gradient accumulation over the same micro-batches (each los
 number of micro-batches), `clip_grad_norm_` with `optim.grad_clip`, `step`, `zero_grad`.
 No DeepSpeed. In bf16 (which Kiln runs only with ZeRO >= 1: DeepSpeed keeps the fp32 master
 weights) the plain loop keeps fp32 weights and runs forward under `torch.autocast(bf16)`; in
-fp16 it adds a `GradScaler`. On a GPU Kiln uses DeepSpeed's FusedAdam and the plain loop
-torch's fused AdamW. On CPU only fp32 runs: megatron-core's linear layers handle autocast on
-CUDA only (their backward gets bf16 gradients against fp32 weights under CPU autocast).
+fp16 it adds a `GradScaler`. On a GPU both sides use torch's fused AdamW. On CPU only fp32
+runs: megatron-core's linear layers handle autocast on CUDA only (their backward gets bf16
+gradients against fp32 weights under CPU autocast).
 
 Both sides see the same batches: uniform random token ids from a seeded `torch.Generator`,
 `[micro_batch_size, seq_length + 1]` per micro-batch, `gradient_accumulation_steps`

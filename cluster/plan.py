@@ -112,6 +112,10 @@ def build_plan(
             f"({procs}); tensor parallelism stays inside a node"
         )
     env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"} if gpus else {}
+    if gpus and cfg.parallel.tensor > 1:
+        # One hardware queue keeps each tensor-parallel all-reduce ordered behind the kernel
+        # that feeds it (Megatron's requirement for overlapping TP communication).
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     if cfg.logging.wandb.mode != "disabled":
         env["WANDB_MODE"] = cfg.logging.wandb.mode
     return cfg, LaunchPlan(scheduler, nodes, procs, gpus, Path(run_dir).resolve(), env=env)

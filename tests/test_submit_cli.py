@@ -34,13 +34,15 @@ def test_slurm_dry_run_writes_the_batch_script(data, tmp_path):
         assert line in script
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["parallel"]["data"] == 4
     assert not (run_dir / "submission.json").exists()  # nothing was submitted
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in script  # CPUs, no tensor parallelism
 
 
 def test_k8s_dry_run_writes_a_pytorchjob(data, tmp_path):
     run_dir = tmp_path / "tiny"
     result = submit(run_dir, data, "--scheduler", "k8s", "--nodes", "3", "--gpus-per-node",
                     "2", "--image", "example/kiln:1", "--volume-claim", "shared",
-                    "parallel.zero_stage=1", "train.global_batch_size=12")  # fmt: skip
+                    "parallel.zero_stage=1", "parallel.tensor=2",
+                    "train.global_batch_size=12")  # fmt: skip
     assert result.returncode == 0, result.stderr
     job = yaml.safe_load((run_dir / "pytorchjob.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
@@ -50,6 +52,8 @@ def test_k8s_dry_run_writes_a_pytorchjob(data, tmp_path):
     container = replicas["Worker"]["template"]["spec"]["containers"][0]
     assert container["args"][-2:] == ["--run-dir", str(run_dir.resolve())]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"  # tensor parallelism on GPUs
 
 
 @pytest.mark.parametrize(

@@ -170,6 +170,9 @@ def test_nan_steps_are_skipped_and_logged(data, tmp_path):
     assert by_step[3]["loss"] is None and by_step[4]["loss"] is None  # NaN is logged as null
     assert all(by_step[s]["loss"] is not None for s in (5, 6, 7, 8, 9, 10))
     assert "update skipped (2 in a row)" in result.stdout
+    assert "attention: scaled_dot_product_attention runs the flash_attention kernel" in (
+        result.stdout
+    )  # PyTorch's CPU flash kernel, for fp32 on CPU
     state = json.loads(
         (latest_checkpoint(run_dir / "checkpoints") / "trainer_state.json").read_text()
     )

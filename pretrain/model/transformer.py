@@ -314,6 +314,23 @@ def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits.masked_fill(ids >= vocab_size, torch.finfo(logits.dtype).min)
 
 
+def attention_backend(
+    model: ModelConfig, tensor: int, seq_length: int, dtype: torch.dtype, device: torch.device
+) -> str:
+    """The kernel `scaled_dot_product_attention` picks for this model's attention (flash,
+    cuDNN, memory-efficient or math), as PyTorch's own dispatcher decides it."""
+    from torch.nn.attention import SDPBackend
+
+    heads, kv_heads = model.num_heads // tensor, model.num_kv_heads // tensor
+    q = torch.empty(1, heads, seq_length, model.head_dim, dtype=dtype, device=device)
+    kv = torch.empty(1, kv_heads, seq_length, model.head_dim, dtype=dtype, device=device)
+    try:  # a private helper: the dispatcher's own choice, not a re-implementation of it
+        choice = torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=kv_heads != heads)
+        return SDPBackend(choice).name.lower()
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return "unknown"
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Mean next-token loss over vocabulary-parallel logits [B, S, V/T] of a vocabulary of
     `vocab_size` real tokens (the rest is padding). megatron-core works in place to save

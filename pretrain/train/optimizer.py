@@ -121,15 +121,7 @@ def guarded(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Op
 def make_optimizer(
     groups: list[dict], optim: OptimConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """torch's AdamW on CPU; DeepSpeed's fused Adam (AdamW mode) on GPUs, falling back to
-    torch's fused AdamW when DeepSpeed cannot build its kernel on this machine."""
+    """torch's AdamW: fused on GPUs (one kernel for all parameters, compiled with torch, so no
+    rank JIT-builds DeepSpeed's FusedAdam at start-up and no stale build lock can hang a job)."""
     common = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
-    if device.type == "cuda":
-        try:
-            from deepspeed.ops.adam import FusedAdam
-
-            return guarded(FusedAdam)(groups, adam_w_mode=True, **common)
-        except Exception as error:  # noqa: BLE001 - no nvcc/ninja: torch's kernel is fine
-            print(f"kiln: DeepSpeed FusedAdam unavailable ({error}); using torch AdamW(fused)")
-            return guarded(torch.optim.AdamW)(groups, fused=True, **common)
-    return guarded(torch.optim.AdamW)(groups, **common)
+    return guarded(torch.optim.AdamW)(groups, fused=device.type == "cuda" or None, **common)

@@ -30,10 +30,11 @@ from pretrain.data import (
 from pretrain.data.sampling import micro_batch, rank_batch_indices
 from pretrain.data.stream import read_manifest
 from pretrain.model.sizing import count_parameters, human_count
+from pretrain.model.transformer import attention_backend
 from pretrain.parallel.layout import Layout, init_distributed, pick_device, setup_parallel
 
 from .checkpoint import CheckpointManager, TrainerState, describe_layout, fault_active
-from .engine import Batch, TrainEngine
+from .engine import DTYPES, Batch, TrainEngine
 from .flops import flops_per_token, mfu, peak_flops
 from .schedule import lr_at
 from .state_pieces import StateLayout
@@ -231,6 +232,14 @@ class Trainer:
             f"{self.parallel.device.type} | {cfg.train.global_batch_size} x "
             f"{cfg.train.seq_length} tokens per step | {cfg.train.steps} steps"
         )
+        backend = attention_backend(
+            cfg.model,
+            layout.tensor,
+            cfg.train.seq_length,
+            DTYPES[cfg.train.precision],
+            self.parallel.device,
+        )
+        report.say(f"attention: scaled_dot_product_attention runs the {backend} kernel")
         resume = self.resume
         if resume is None:
             return
@@ -395,6 +404,8 @@ def train(run_dir: Path) -> int:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = load_config(run_dir / "config.yaml", world_size=world_size)
+    if cfg.parallel.tensor > 1:  # before CUDA starts; the schedulers' scripts set it too
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     try:
         trainer = Trainer(cfg, run_dir)
     except (DataDirError, RunError, CheckpointError) as error:
