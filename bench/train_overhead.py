@@ -114,7 +114,7 @@ class PlainLoop:
             cfg.model,
             tensor=1,
             seed=cfg.train.seed,
-            checkpoint_blocks=cfg.train.activation_checkpointing,
+            recompute=cfg.train.activation_checkpointing,
         ).to(device)  # fp32 weights in every precision; autocast does the rest
         self.model.train()
         self.optimizer = torch.optim.AdamW(

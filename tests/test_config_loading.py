@@ -76,7 +76,7 @@ def test_overrides_are_typed_by_the_schema():
     )
     assert cfg.model.num_layers == 6
     assert cfg.optim.lr == pytest.approx(2e-4) and isinstance(cfg.optim.lr, float)
-    assert cfg.train.activation_checkpointing is True
+    assert cfg.train.activation_checkpointing == "full"  # the earlier `true`
     assert cfg.logging.wandb.project == "123"
     assert cfg.logging.wandb.name is None
     assert cfg.model.arch == "gpt" and cfg.model.tie_embeddings is True  # gpt default: tied

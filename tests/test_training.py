@@ -44,6 +44,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
         ("tp2-pp2", "single"),
         ("recompute", "single"),
         ("pp2-recompute", "single"),
+        ("selective", "single"),
+        ("tp2-pp2-selective", "single"),
         ("gpt-tp2-pp2", "gpt-single"),
     ],
 )
@@ -161,9 +163,10 @@ def test_sigterm_saves_then_a_rerun_continues_the_same_wandb_run(data, tmp_path)
     assert [r["step"] for r in logged if "val_loss" in r] == [0, 5, 10]
 
 
-def test_nan_steps_are_skipped_and_logged(data, tmp_path):
+@pytest.mark.parametrize("layout", ["parallel.zero_stage=1", "parallel.pipeline=2"])
+def test_nan_steps_are_skipped_and_logged(data, tmp_path, layout):
     run_dir = tmp_path / "run"
-    result = train(data, run_dir, 2, "parallel.zero_stage=1", fault="nan-loss@3-4")
+    result = train(data, run_dir, 2, layout, fault="nan-loss@3-4")
     assert result.returncode == 0, result.stderr[-3000:]
     by_step = {r["step"]: r for r in records(run_dir) if "loss" in r}
     assert [s for s, r in by_step.items() if r["skipped"]] == [3, 4]

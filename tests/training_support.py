@@ -59,6 +59,12 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     # Activation checkpointing: recomputed blocks give the same numbers.
     "recompute": (1, ["train.activation_checkpointing=true"]),
     "pp2-recompute": (2, ["parallel.pipeline=2", "train.activation_checkpointing=true"]),
+    # Selective: only the attention core and the MLP activation are recomputed.
+    "selective": (1, ["train.activation_checkpointing=selective"]),
+    "tp2-pp2-selective": (
+        4,
+        ["parallel.tensor=2", "parallel.pipeline=2", "train.activation_checkpointing=selective"],
+    ),
     # GPT (GPT-2's shape: every head its own K and V): tied embeddings, kept on the first and
     # the last stage; learned positions; biases.
     "gpt-single": (1, ["model.arch=gpt", "model.num_kv_heads=4"]),

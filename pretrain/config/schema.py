@@ -20,6 +20,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -124,9 +125,21 @@ class TrainConfig(ConfigSection):
     steps: PositiveInt = 1000
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: NonNegativeInt = 1234
-    activation_checkpointing: bool = Field(
-        default=False, description="Recompute each block's activations in the backward pass."
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        default="none",
+        description="Recompute in the backward pass: `full` each whole block (+33% compute), "
+        "`selective` only the attention core and the MLP activation (little compute, the "
+        "largest activations); `true`/`false` mean full/none.",
     )
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _recompute_from_bool(cls, value):
+        on_off = {True: "full", False: "none", "true": "full", "false": "none"}
+        if isinstance(value, bool | str) and value in on_off:  # the earlier on/off form
+            return on_off[value]
+        return value
+
     max_skipped_steps: PositiveInt = Field(
         default=10, description="Stop after this many NaN/Inf steps in a row."
     )

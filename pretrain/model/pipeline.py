@@ -70,9 +70,14 @@ def norm_spec(model: ModelConfig, seed: int) -> LayerSpec:
 
 
 def layer_specs(
-    model: ModelConfig, tensor: int, seed: int, dtype: torch.dtype, initialize: bool = True
+    model: ModelConfig,
+    tensor: int,
+    seed: int,
+    dtype: torch.dtype,
+    initialize: bool = True,
+    recompute: str = "none",
 ) -> list:
-    parallel = parallel_config(tensor, dtype, initialize)
+    parallel = parallel_config(tensor, dtype, initialize, recompute)
     layers = model.num_layers
     if model.tie_embeddings:
         first = SeededTiedLayerSpec(seed, 0, TIED_KEY, Embedding, model, parallel)
@@ -98,7 +103,7 @@ def build_pipeline(
     seed: int,
     dtype: torch.dtype,
     partition: str,
-    checkpoint_blocks: bool,
+    recompute: str = "none",
     loss_fn=None,
     initialize: bool = True,
 ) -> PipelineModule:
@@ -107,11 +112,11 @@ def build_pipeline(
     for a resume that loads them next."""
     tensor = topology.get_dim("model")
     return PipelineModule(
-        layers=layer_specs(model, tensor, seed, dtype, initialize),
+        layers=layer_specs(model, tensor, seed, dtype, initialize, recompute),
         topology=topology,
         loss_fn=loss_fn or partial(vocabulary_loss, vocab_size=model.vocab_size),
         partition_method=partition,
-        activation_checkpoint_interval=1 if checkpoint_blocks else 0,
+        activation_checkpoint_interval=1 if recompute == "full" else 0,
         activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
         checkpointable_layers=["Block"],
     )

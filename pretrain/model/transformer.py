@@ -47,9 +47,12 @@ def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @dataclass
 class LayerConfig(ModelParallelConfig):
-    """megatron-core's layer settings, and whether the initial weights are drawn at all."""
+    """megatron-core's layer settings, whether the initial weights are drawn at all, and
+    whether the attention core and the MLP activation are recomputed in backward (selective
+    activation checkpointing)."""
 
     draw_weights: bool = True
+    recompute_core: bool = False
 
 
 def initializer(parallel: LayerConfig, std: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -85,16 +88,28 @@ def residual_projection(
 
 
 def parallel_config(
-    tensor: int, dtype: torch.dtype = torch.float32, initialize: bool = True
+    tensor: int,
+    dtype: torch.dtype = torch.float32,
+    initialize: bool = True,
+    recompute: str = "none",
 ) -> LayerConfig:
     """megatron-core's layer settings: weights drawn whole on the CPU, then sliced per rank;
-    `initialize=False` leaves them undrawn, for a model whose weights are loaded next."""
+    `initialize=False` leaves them undrawn, for a model whose weights are loaded next;
+    `recompute="selective"` recomputes the attention core and the MLP activation."""
     return LayerConfig(
         tensor_model_parallel_size=tensor,
         use_cpu_initialization=True,
         params_dtype=dtype,
         draw_weights=initialize,
+        recompute_core=recompute == "selective",
     )
+
+
+def maybe_recomputed(active: bool, function: Callable, *tensors: torch.Tensor) -> torch.Tensor:
+    """`function(*tensors)`, its activations recomputed in backward when `active` (training)."""
+    if active and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(function, *tensors, use_reentrant=False)
+    return function(*tensors)
 
 
 def seeded(seed: int, index: int, build: Callable[[], Module]) -> Module:
@@ -170,6 +185,7 @@ class Attention(nn.Module):
             if model.arch == "llama"
             else None
         )
+        self.recompute_core = parallel.recompute_core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -185,12 +201,15 @@ class Attention(nn.Module):
         )
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads
-        )
+        y = maybe_recomputed(self.recompute_core and self.training, self._core, q, k, v)
         y = y.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
         out, _ = self.out(y)
         return out
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads
+        )
 
 
 class MLP(nn.Module):
@@ -215,14 +234,24 @@ class MLP(nn.Module):
         else:
             self.fc = column()
         self.down = residual_projection(model.ffn_hidden_size, model, parallel)
+        self.recompute_core = parallel.recompute_core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.recompute_core and self.training
         if self.arch == "llama":
-            hidden = F.silu(self.gate(x)[0]) * self.up(x)[0]
+            hidden = maybe_recomputed(recompute, swiglu, self.gate(x)[0], self.up(x)[0])
         else:
-            hidden = F.gelu(self.fc(x)[0], approximate="tanh")
+            hidden = maybe_recomputed(recompute, gelu, self.fc(x)[0])
         out, _ = self.down(hidden)
         return out
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 class Block(nn.Module):
@@ -363,14 +392,14 @@ class Transformer(nn.Module):
         tensor: int = 1,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
-        checkpoint_blocks: bool = False,
+        recompute: str = "none",
         initialize: bool = True,
     ) -> None:
         super().__init__()
-        parallel = parallel_config(tensor, dtype, initialize)
+        parallel = parallel_config(tensor, dtype, initialize, recompute)
         layers = model.num_layers
         self.config = model
-        self.checkpoint_blocks = checkpoint_blocks
+        self.checkpoint_blocks = recompute == "full"
         self.embedding = seeded(seed, 0, lambda: Embedding(model, parallel))
         self.blocks = nn.ModuleList(
             seeded(seed, 1 + i, lambda: Block(model, parallel)) for i in range(layers)

@@ -71,8 +71,8 @@ class PipelineLoss:
         loss = cross_entropy(logits, targets, self.vocab_size)
         if self.poison:
             loss = loss * float("nan")
-        if self.guard is not None and not torch.isfinite(loss.detach()):
-            self.guard.loss_nonfinite = True
+        if self.guard is not None:
+            self.guard.note_loss(loss)
         return loss
 
 
@@ -136,7 +136,7 @@ class TrainEngine:
                 seed=cfg.train.seed,
                 dtype=dtype,
                 partition=cfg.parallel.pipeline_partition,
-                checkpoint_blocks=cfg.train.activation_checkpointing,
+                recompute=cfg.train.activation_checkpointing,
                 loss_fn=self.loss_fn,
                 initialize=initialize,
             )
@@ -145,7 +145,7 @@ class TrainEngine:
             tensor=parallel.layout.tensor,
             seed=cfg.train.seed,
             dtype=dtype,
-            checkpoint_blocks=cfg.train.activation_checkpointing,
+            recompute=cfg.train.activation_checkpointing,
             initialize=initialize,
         )
 
@@ -171,8 +171,7 @@ class TrainEngine:
                 micro_loss = self.engine(inputs, targets)
                 if poison:
                     micro_loss = micro_loss * float("nan")
-                if not torch.isfinite(micro_loss.detach()):
-                    self.guard.loss_nonfinite = True
+                self.guard.note_loss(micro_loss)  # no host sync: read once, at the step
                 self.engine.backward(micro_loss)
                 self.engine.step()
                 losses.append(micro_loss.detach().float())

@@ -76,16 +76,21 @@ class NonFiniteGuard:
     gradient anywhere was NaN or Inf, and, given `clip`, clips by the global norm first."""
 
     overflow: bool = False
-    loss_nonfinite: bool = False
+    loss_nonfinite: torch.Tensor | None = None  # on the device: no host sync per micro-batch
     last_grad_norm: float | None = None
     clip_with: Callable[[], torch.Tensor] | None = None
     max_norm: float = 0.0
 
     def begin_step(self) -> None:
         self.overflow = False
-        self.loss_nonfinite = False
+        self.loss_nonfinite = None
         self.last_grad_norm = None
         self._decided = False
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Remember whether a micro-batch's loss was finite, on the device (read at `step`)."""
+        bad = ~torch.isfinite(loss.detach())
+        self.loss_nonfinite = bad if self.loss_nonfinite is None else self.loss_nonfinite | bad
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -97,21 +102,25 @@ class NonFiniteGuard:
         return super().step(closure)
 
     def _anything_nonfinite(self) -> bool:
+        """One flag for the step, reduced over every rank: the step's single host sync."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
-        bad = self.loss_nonfinite
+        flag = torch.zeros(1, device=device)
+        if self.loss_nonfinite is not None:
+            flag = flag + self.loss_nonfinite.to(device).float()
         if self.clip_with is not None:
             norm = self.clip_with()
             self.last_grad_norm = float(norm)
-            bad = bad or not math.isfinite(self.last_grad_norm)
+            loss_bad = bool(flag.item())
+            bad = loss_bad or not math.isfinite(self.last_grad_norm)
             if not bad and self.max_norm > 0 and self.last_grad_norm > self.max_norm:
                 torch._foreach_mul_(grads, self.max_norm / (self.last_grad_norm + 1e-6))
+            flag = torch.tensor([1.0 if bad else 0.0], device=device)
         elif grads:
             norms = torch.stack(torch._foreach_norm(grads))
-            bad = bad or not bool(torch.isfinite(norms).all())
-        flag = torch.tensor([1.0 if bad else 0.0], device=device)
+            flag = flag + (~torch.isfinite(norms)).any().float()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(flag.item() > 0)
 
 
 def guarded(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
