@@ -126,7 +126,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = x.float()  # one cast, shared by the statistic and the scaling
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -138,21 +139,35 @@ def make_norm(model: ModelConfig) -> nn.Module:
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding, in the rotate-half convention (as Hugging Face's Llama).
-    The angles are computed in fp32 on every call, never stored in a low-precision buffer:
-    in bf16 the angle of position 2000 would be off by whole radians."""
+    The angles are computed in fp32, never stored in a low-precision buffer (in bf16 the angle
+    of position 2000 would be off by whole radians); the cos/sin tables are computed once per
+    device and dtype, up to the longest sequence, and serve q and k alike."""
 
     def __init__(self, head_dim: int, max_seq_length: int, base: float) -> None:
         super().__init__()
         self.head_dim, self.base, self.max_seq_length = head_dim, base, max_seq_length
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(
+        self, seq: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, [S, head_dim], in `dtype`: the first `seq` rows of one table per device
+        and dtype (every sequence length, also generation's growing ones, slices the same)."""
+        key = (device, dtype)
+        if key not in self._tables or self._tables[key][0].shape[0] < seq:
+            length = max(seq, self.max_seq_length)
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+            inverse = 1.0 / self.base ** (exponents / self.head_dim)
+            positions = torch.arange(length, dtype=torch.float32, device=device)
+            angles = torch.outer(positions, inverse)
+            angles = torch.cat([angles, angles], dim=-1)
+            self._tables[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        cos, sin = self._tables[key]
+        return cos[:seq], sin[:seq]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, heads, S, head_dim]."""
-        seq, device = x.shape[-2], x.device
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
-        inverse = 1.0 / self.base ** (exponents / self.head_dim)
-        angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inverse)
-        angles = torch.cat([angles, angles], dim=-1)  # [S, head_dim]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = self.tables(x.shape[-2], x.device, x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
