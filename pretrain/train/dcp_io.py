@@ -10,7 +10,9 @@ of flattened ZeRO partitions, see `state_pieces`) and where the regions it reads
 
 from __future__ import annotations
 
+import contextlib
 import io
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,13 +108,28 @@ def save_chunks(
     state = {chunk_id(c.key, c.offsets): c.tensor for c in chunks}
     state.update(objects)
     writer = dcp.FileSystemWriter(str(directory), single_file_per_rank=True, sync_files=True)
-    return dcp.save(
-        state,
-        storage_writer=writer,
-        planner=BoxSavePlanner(chunks),
-        process_group=process_group,
-        no_dist=process_group is None and not torch.distributed.is_initialized(),
-    )
+    alone = process_group is None and not torch.distributed.is_initialized()
+    with one_process(alone):
+        return dcp.save(
+            state,
+            storage_writer=writer,
+            planner=BoxSavePlanner(chunks),
+            process_group=process_group,
+            no_dist=alone,
+        )
+
+
+@contextlib.contextmanager
+def one_process(alone: bool):
+    """Silence DCP's warning that it runs in one process, where Kiln means it to. (The
+    warning filters are process-wide: never touched by the background saves, which are
+    distributed.)"""
+    if not alone:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 @dataclass(frozen=True)
@@ -188,13 +205,15 @@ def load_regions(
     """Collective (when distributed): fill every target from `directory`; returns the byte
     objects asked for."""
     planner = BoxLoadPlanner(targets, list(objects))
-    dcp.load(
-        {},
-        storage_reader=dcp.FileSystemReader(str(directory)),
-        planner=planner,
-        process_group=process_group,
-        no_dist=process_group is None and not torch.distributed.is_initialized(),
-    )
+    alone = process_group is None and not torch.distributed.is_initialized()
+    with one_process(alone):
+        dcp.load(
+            {},
+            storage_reader=dcp.FileSystemReader(str(directory)),
+            planner=planner,
+            process_group=process_group,
+            no_dist=alone,
+        )
     return planner.objects
 
 
