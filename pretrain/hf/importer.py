@@ -21,7 +21,7 @@ from data_pipeline import atomic
 from pretrain.config import ConfigError, dump_config, validate_tree
 from pretrain.config.loader import apply_overrides, read_tree
 from pretrain.train.checkpoint import TrainerState, latest_checkpoint, tag_of
-from pretrain.train.dcp_io import Chunk, save_chunks
+from pretrain.train.dcp_io import Region, save_chunks
 from pretrain.train.state_pieces import MODEL, state_key
 from pretrain.train.weights import DESCRIPTION, FORMAT
 
@@ -140,7 +140,7 @@ def write_initial_checkpoint(
     staging = root / ".staging" / tag
     shutil.rmtree(staging, ignore_errors=True)
     chunks = [
-        Chunk(state_key(MODEL, name), tuple(t.shape), (0,) * t.dim(), t)
+        Region(state_key(MODEL, name), tuple(t.shape), (0,) * t.dim(), t)
         for name, t in weights.items()
     ]
     save_chunks(staging, chunks, {})

@@ -47,7 +47,7 @@ from torch import nn
 
 from data_pipeline import atomic
 
-from .dcp_io import Chunk, load_regions, save_chunks
+from .dcp_io import Region, load_regions, save_chunks
 from .optimizer_state import OptimizerState
 from .state_pieces import MODEL, StateLayout, optimizer_kinds, rank_pieces
 from .weights import (
@@ -214,9 +214,9 @@ class CheckpointManager:
         kinds = (MODEL, *optimizer_kinds(engine))
         pieces = rank_pieces(module, engine, layout, kinds, for_writing=True)
         chunks = [
-            Chunk(piece.key, piece.global_shape, box.offsets, staged(box.tensor))
+            Region(region.key, region.size, region.offsets, staged(region.tensor))
             for piece in pieces
-            for box in piece.boxes()
+            for region in piece.regions()
         ]
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the copies to pinned host memory are done
@@ -248,7 +248,7 @@ class CheckpointManager:
     def _write(
         self,
         tag: str,
-        chunks: list[Chunk],
+        chunks: list[Region],
         objects: dict,
         description: dict,
         trainer_state: dict,

@@ -45,8 +45,9 @@ class CheckpointShapeError(ValueError):
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """A rectangle of the global tensor `key` (of shape `size`) and its data."""
+class Region:
+    """A rectangle (`offsets`, the shape of `tensor`) of the global tensor `key` of shape
+    `size`: `tensor` holds its data when saving, and receives it when loading."""
 
     key: str
     size: tuple[int, ...]
@@ -64,7 +65,7 @@ class BoxSavePlanner(DefaultSavePlanner):
     (balancing bytes), checks that the chunks of each tensor cover it without overlap, and
     builds the metadata."""
 
-    def __init__(self, chunks: list[Chunk]) -> None:
+    def __init__(self, chunks: list[Region]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.chunks = chunks
 
@@ -99,7 +100,7 @@ class BoxSavePlanner(DefaultSavePlanner):
 
 def save_chunks(
     directory: Path,
-    chunks: list[Chunk],
+    chunks: list[Region],
     objects: dict[str, Any],
     process_group=None,
 ) -> Metadata:
@@ -132,22 +133,12 @@ def one_process(alone: bool):
         yield
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where the region (`offsets`, the shape of `tensor`) of global tensor `key` goes."""
-
-    key: str
-    size: tuple[int, ...]
-    offsets: tuple[int, ...]
-    tensor: torch.Tensor
-
-
 class BoxLoadPlanner(DefaultLoadPlanner):
     """Reads regions of stored tensors into the given tensors, and byte objects by key."""
 
-    def __init__(self, targets: list[Target], objects: list[str]) -> None:
+    def __init__(self, targets: list[Region], objects: list[str]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.by_key: dict[str, list[Target]] = defaultdict(list)
+        self.by_key: dict[str, list[Region]] = defaultdict(list)
         for target in targets:
             self.by_key[target.key].append(target)
         self.object_keys = objects
@@ -200,7 +191,7 @@ class BoxLoadPlanner(DefaultLoadPlanner):
 
 
 def load_regions(
-    directory: Path, targets: list[Target], objects: list[str] = (), process_group=None
+    directory: Path, targets: list[Region], objects: list[str] = (), process_group=None
 ) -> dict[str, Any]:
     """Collective (when distributed): fill every target from `directory`; returns the byte
     objects asked for."""

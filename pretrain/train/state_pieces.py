@@ -31,6 +31,7 @@ from torch import nn
 
 from pretrain.model.pipeline import canonical_name
 
+from .dcp_io import Region
 from .optimizer_state import MOMENTS, OptimizerState
 
 VOCAB_PADDED = ("embedding.tokens.weight", "output.projection.weight")
@@ -112,6 +113,10 @@ class Piece:
                 offsets[0], sizes[0] = low, high - low
             out.append(Box(tuple(offsets), tuple(sizes), view))
         return out
+
+    def regions(self) -> list[Region]:
+        """`boxes` as regions of this piece's global tensor, for DCP."""
+        return [Region(self.key, self.global_shape, b.offsets, b.tensor) for b in self.boxes()]
 
 
 def flat_range_boxes(

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .dcp_io import CheckpointShapeError, Target, load_regions, read_metadata
+from .dcp_io import CheckpointShapeError, Region, load_regions, read_metadata
 from .optimizer_state import MOMENTS, OptimizerState
 from .state_pieces import (
     MODEL,
@@ -96,7 +96,7 @@ class CheckpointTensors:
             if key not in self.shapes:
                 raise CheckpointError(f"{self.checkpoint}: no tensor {key}")
             out[name] = torch.empty(self.shapes[key], dtype=torch.float32)
-            targets.append(Target(key, self.shapes[key], (0,) * len(self.shapes[key]), out[name]))
+            targets.append(Region(key, self.shapes[key], (0,) * len(self.shapes[key]), out[name]))
         load_regions(self.checkpoint, targets)
         return out
 
@@ -131,7 +131,7 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 
 # -- a resume: each rank reads the regions it holds ------------------------------------------
-def _load(checkpoint: Path, targets: list[Target], objects: list[str], group) -> dict:
+def _load(checkpoint: Path, targets: list[Region], objects: list[str], group) -> dict:
     try:
         return load_regions(checkpoint, targets, objects, group)
     except CheckpointShapeError as error:
@@ -165,9 +165,7 @@ def load_module_weights(
                 start=0,
                 flat=holder.view(-1),
             )
-            targets += [
-                Target(piece.key, piece.global_shape, b.offsets, b.tensor) for b in piece.boxes()
-            ]
+            targets += piece.regions()
             if not fp32:
                 copies.append((parameter, holder))
         _load(checkpoint, targets, [], group)
@@ -190,11 +188,7 @@ def load_engine_state(
     if not kinds:
         return
     pieces = rank_pieces(module, engine, layout, kinds, for_writing=False)
-    targets = [
-        Target(piece.key, piece.global_shape, box.offsets, box.tensor)
-        for piece in pieces
-        for box in piece.boxes()
-    ]
+    targets = [region for piece in pieces for region in piece.regions()]
     _load(checkpoint, targets, [], group)
     if layout.zero_stage == 3:
         copy_master_into_partitions(module, engine)
