@@ -193,6 +193,39 @@ def test_too_many_nan_steps_stop_the_run_with_good_weights_saved(data, tmp_path)
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_an_fp16_run_with_early_overflows_completes(data, tmp_path):
+    """fp16's dynamic loss scale starts too high (2**23 here, as it may on a GPU for a new
+    model): DeepSpeed's scaler skips those steps and halves the scale until the gradients fit.
+    They are logged, but do not count toward train.max_skipped_steps; a NaN loss does.
+    (`fp16-on-cpu`: PyTorch's CPU kernels stand in for a GPU's, see `allow_fp16_on_cpu`.)"""
+    run_dir = tmp_path / "run"
+    fp16 = ["parallel.zero_stage=1", "train.precision=fp16", "train.initial_loss_scale_power=23"]
+    limits = ["train.max_skipped_steps=2", "train.steps=16"]
+    result = train(data, run_dir, 2, *fp16, *limits, fault="fp16-on-cpu@0,nan-loss@8")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    by_step = {r["step"]: r for r in records(run_dir) if "loss" in r}
+    assert sorted(by_step) == list(range(1, 17))
+    overflows = [s for s, r in by_step.items() if r["overflow"]]
+    assert overflows[:3] == [1, 2, 3], overflows  # more than max_skipped_steps in a row
+    assert all(by_step[s]["skipped"] and by_step[s]["loss"] is not None for s in overflows)
+    assert "not counted toward train.max_skipped_steps" in result.stdout
+    scales = [by_step[s]["loss_scale"] for s in sorted(by_step)]
+    assert scales[0] == 2**23 and scales == sorted(scales, reverse=True) and scales[-1] < 2**21
+    # Step 8's NaN loss is divergence, not an overflow: skipped and counted.
+    assert by_step[8]["skipped"] and not by_step[8]["overflow"] and by_step[8]["loss"] is None
+    assert "step 8: non-finite loss or gradient (loss nan), update skipped (1 in a row)" in (
+        result.stdout
+    )
+    state = json.loads(
+        (latest_checkpoint(run_dir / "checkpoints") / "trainer_state.json").read_text()
+    )
+    assert state["step"] == 16 and state["skipped_steps"] == 1
+    last = [by_step[s]["loss"] for s in (14, 15, 16)]
+    assert max(last) < by_step[1]["loss"] - 0.15, "the fp16 run did not learn"
+    validation = [r["val_loss"] for r in records(run_dir) if "val_loss" in r]
+    assert validation[-1] < validation[0] - 0.15
+
+
 def test_generate_is_greedy_at_temperature_zero_and_layout_independent(runs):
     def greedy(run_dir: Path) -> str:
         args = ["--prompt", "the", "--max-new-tokens", "12", "--temperature", "0"]

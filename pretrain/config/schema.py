@@ -141,7 +141,16 @@ class TrainConfig(ConfigSection):
         return value
 
     max_skipped_steps: PositiveInt = Field(
-        default=10, description="Stop after this many NaN/Inf steps in a row."
+        default=10,
+        description="Stop after this many steps in a row skipped for a NaN/Inf loss or "
+        "gradient (fp16 loss-scale overflows count only at the minimum scale).",
+    )
+    initial_loss_scale_power: int = Field(
+        default=16,
+        ge=0,
+        le=32,
+        description="fp16: the dynamic loss scale starts at 2**this (DeepSpeed's "
+        "initial_scale_power) and is halved as overflows occur; other precisions ignore it.",
     )
 
 

@@ -4,13 +4,17 @@ With one pipeline stage the model is `Transformer` under a plain DeepSpeed engin
 with several it is a `PipelineModule` under DeepSpeed's pipeline engine (ZeRO 0-1). Both take
 a step's micro-batches (this data-parallel rank's share of the global batch) and return the
 loss averaged over the whole global batch, the gradient norm, and whether the update was
-skipped. The learning rate is set by the caller for every step, so it is a function of the
-step alone and needs no scheduler state in checkpoints.
+skipped, and why: a NaN or Inf loss or gradient (divergence), or, in fp16, an overflow of the
+dynamically scaled gradients (DeepSpeed's loss scaler skips the step and lowers the scale;
+normal while the scale settles, divergence only at the minimum scale). The learning rate is
+set by the caller for every step, so it is a function of the step alone and needs no
+scheduler state in checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,8 +28,8 @@ from pretrain.model.transformer import Transformer, cross_entropy
 from pretrain.parallel.layout import Parallel
 
 from .optimizer import (
+    GlobalNormClipper,
     NonFiniteGuard,
-    global_grad_norm,
     make_optimizer,
     mark_replicated_parameters,
     parameter_groups,
@@ -39,7 +43,18 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class StepResult:
     loss: float
     grad_norm: float | None
-    skipped: bool
+    skipped: bool  # no update this step, for whichever reason
+    # fp16: DeepSpeed's loss scaler skipped the step because the scaled gradients overflowed
+    # while the loss was finite: normal while the scale settles.
+    overflow: bool = False
+    loss_scale: float | None = None  # fp16: the scale this step's backward pass used
+    at_min_scale: bool = False  # fp16: that scale was already DeepSpeed's minimum
+
+    @property
+    def diverged(self) -> bool:
+        """A skip that counts toward `train.max_skipped_steps`: a NaN or Inf loss or
+        gradient, or an fp16 overflow at the minimum loss scale."""
+        return self.skipped and not (self.overflow and not self.at_min_scale)
 
 
 def deepspeed_config(cfg: KilnConfig, clip_in_deepspeed: bool) -> dict:
@@ -51,7 +66,11 @@ def deepspeed_config(cfg: KilnConfig, clip_in_deepspeed: bool) -> dict:
         "gradient_clipping": cfg.optim.grad_clip if clip_in_deepspeed else 0.0,
         "zero_optimization": {"stage": parallel.zero_stage},
         "bf16": {"enabled": train.precision == "bf16"},
-        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0},
+        "fp16": {
+            "enabled": train.precision == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": train.initial_loss_scale_power,
+        },
         "data_types": {"grad_accum_dtype": "fp32"} if train.precision != "fp32" else {},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
@@ -60,19 +79,18 @@ def deepspeed_config(cfg: KilnConfig, clip_in_deepspeed: bool) -> dict:
 
 
 class PipelineLoss:
-    """The loss on the last pipeline stage; tells the guard when it is not finite."""
+    """The loss on the last pipeline stage; tells `guard` whether each one is finite.
+    `poison` makes it NaN (the failure tests' fault)."""
 
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
-        self.guard: NonFiniteGuard | None = None
+    def __init__(self, vocab_size: int, guard: NonFiniteGuard) -> None:
+        self.vocab_size, self.guard = vocab_size, guard
         self.poison = False
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = cross_entropy(logits, targets, self.vocab_size)
         if self.poison:
             loss = loss * float("nan")
-        if self.guard is not None:
-            self.guard.note_loss(loss)
+        self.guard.note_loss(loss)
         return loss
 
 
@@ -94,7 +112,9 @@ class TrainEngine:
         self.cfg, self.parallel = cfg, parallel
         self.pipelined = parallel.layout.pipeline > 1
         dtype = DTYPES[cfg.train.precision]
-        self.loss_fn = PipelineLoss(cfg.model.vocab_size)
+        # One guard for the step's non-finite decision, shared by the loss and the optimizer.
+        self.guard = NonFiniteGuard()
+        self.loss_fn = PipelineLoss(cfg.model.vocab_size, self.guard)
         module: nn.Module
         # On a GPU the weights are drawn there: megatron-core's CPU-style initialisation draws
         # each full weight on the default device and keeps this rank's slice, so every layout
@@ -105,27 +125,32 @@ class TrainEngine:
         if prepare_module is not None:
             prepare_module(module)
         mark_replicated_parameters(module, parallel.coordinates.tensor)
-        optimizer = make_optimizer(parameter_groups(module, cfg.optim), cfg.optim, parallel.device)
-        self.guard: NonFiniteGuard = optimizer  # type: ignore[assignment]
-        self.loss_fn.guard = self.guard
         # Kiln clips where the optimizer sees the real parameters (ZeRO 0 in fp32), so that
         # the norm counts every parameter once; elsewhere DeepSpeed's ZeRO/bf16 code clips.
         kiln_clips = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
+        clipper = None
         if kiln_clips:
             grid = parallel.grid
-            self.guard.clip_with = lambda: global_grad_norm(
-                module.parameters(),
+            clipper = GlobalNormClipper(
+                module,
+                cfg.optim.grad_clip,
                 grid.get_model_parallel_rank(),
                 grid.get_model_parallel_group(),
             )
-            self.guard.max_norm = cfg.optim.grad_clip
+        groups = parameter_groups(module, cfg.optim)
+        self.optimizer = make_optimizer(groups, cfg.optim, parallel.device, self.guard, clipper)
         self.engine, *_ = deepspeed.initialize(
             model=module,
-            optimizer=optimizer,
+            optimizer=self.optimizer,
             config=deepspeed_config(cfg, clip_in_deepspeed=not kiln_clips),
             mpu=None if self.pipelined else parallel.grid,
         )
         self.module = module
+        scaler = self._loss_scaler()
+        if scaler is not None:
+            # At the minimum scale DeepSpeed would raise; the trainer counts such overflows
+            # as divergence instead and stops after train.max_skipped_steps of them.
+            scaler.raise_error_at_min_scale = False
 
     def _build_module(self, cfg: KilnConfig, parallel: Parallel, dtype, initialize: bool):
         assert cfg.model is not None
@@ -154,7 +179,7 @@ class TrainEngine:
         return self.parallel.grid.get_data_parallel_group()
 
     def set_lr(self, lr: float) -> None:
-        for group in self.guard.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     def train_step(self, micro_batches: list[Batch], lr: float, poison: bool = False) -> StepResult:
@@ -162,6 +187,7 @@ class TrainEngine:
         self.set_lr(lr)
         self.loss_fn.poison = poison
         self.guard.begin_step()
+        scale = self.loss_scale()
         micro_batches = [self._to_device(b) for b in micro_batches]
         if self.pipelined:
             loss = self.engine.train_batch(iter(micro_batches)).item()
@@ -173,11 +199,39 @@ class TrainEngine:
                     micro_loss = micro_loss * float("nan")
                 self.guard.note_loss(micro_loss)  # no host sync: read once, at the step
                 self.engine.backward(micro_loss)
+                # DeepSpeed's engine.step() steps the optimizer only at the gradient
+                # accumulation boundary (after the last micro-batch); every other call just
+                # counts the micro-step.
                 self.engine.step()
                 losses.append(micro_loss.detach().float())
             loss = self._data_parallel_mean(torch.stack(losses).mean())
-        skipped = bool(self.guard.overflow or getattr(self.engine.optimizer, "overflow", False))
-        return StepResult(loss=loss, grad_norm=self._grad_norm(), skipped=skipped)
+        # DeepSpeed's wrappers (ZeRO, fp16) set `overflow` when they skipped the step
+        # themselves, before Kiln's optimizer was called; without a wrapper it is the guard's.
+        skipped = self.guard.skip or bool(getattr(self.engine.optimizer, "overflow", False))
+        # The loss is the mean over the whole global batch, the same on every rank: a finite
+        # one means every micro-batch's loss was finite, so an fp16 skip was the scaler's.
+        overflow = skipped and scale is not None and math.isfinite(loss) and not self.guard.skip
+        return StepResult(
+            loss=loss,
+            grad_norm=self._grad_norm(),
+            skipped=skipped,
+            overflow=overflow,
+            loss_scale=scale,
+            at_min_scale=scale is not None and scale <= self._min_loss_scale(),
+        )
+
+    def loss_scale(self) -> float | None:
+        """fp16's current dynamic loss scale (a host value: no sync); None otherwise."""
+        scaler = self._loss_scaler()
+        return None if scaler is None else float(scaler.cur_scale)
+
+    def _loss_scaler(self):
+        if self.cfg.train.precision != "fp16":
+            return None
+        return getattr(self.engine.optimizer, "loss_scaler", None)
+
+    def _min_loss_scale(self) -> float:
+        return float(getattr(self._loss_scaler(), "min_scale", 1.0))
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[Batch]) -> float:
@@ -195,8 +249,8 @@ class TrainEngine:
         return self._data_parallel_mean(torch.stack(losses).mean())
 
     def _grad_norm(self) -> float | None:
-        if self.guard.last_grad_norm is not None:
-            return self.guard.last_grad_norm
+        if self.guard.grad_norm is not None:
+            return self.guard.grad_norm
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 

@@ -1,20 +1,25 @@
-"""AdamW that refuses non-finite updates, and the parameter groups it trains.
+"""AdamW that skips its update when the step's non-finite guard says so; the guard itself;
+clipping by the global norm; the parameter groups.
 
 DeepSpeed wraps the optimizer it is given (ZeRO partitions its parameters, the bf16 and fp16
-wrappers keep fp32 master copies) and calls its `step()` with finished gradients. The guard
-sits inside that call: when any rank saw a NaN or Inf loss or gradient in this step, every
-rank skips the update together, and DeepSpeed reads `overflow` to count a skipped step.
+wrappers keep fp32 master copies) and calls its `step()` with finished gradients. One
+`NonFiniteGuard` per engine is handed to the loss (which notes, on the device, whether each
+micro-batch's loss was finite) and to `GuardedAdamW` when both are built; at the optimizer's
+first `step()` of a step the guard decides, once for every rank, whether any loss or gradient
+was NaN or Inf (the step's one host sync), and every rank skips the update together.
+DeepSpeed reads the optimizer's `overflow` to count a skipped step where it does not wrap it.
+With fp16, DeepSpeed's loss scaler decides first: an overflow there skips the step before
+Kiln's optimizer is called (the engine tells a loss-scale overflow from a non-finite loss).
 
 Gradient norms must count each parameter once although TP ranks hold copies of the
 replicated ones (norm weights, row-parallel biases) and the last pipeline stage a copy of a
 tied embedding. `mark_replicated_parameters` tags the copies that count, which DeepSpeed's
-ZeRO and bf16 norm code honours; `global_grad_norm` applies the same rule where Kiln clips.
+ZeRO and bf16 norm code honours; `GlobalNormClipper` applies the same rule where Kiln clips.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -71,66 +76,118 @@ def global_grad_norm(
     return squares.sqrt()
 
 
-class NonFiniteGuard:
-    """Mixin for a torch optimizer: `step()` skips the update on every rank when a loss or
-    gradient anywhere was NaN or Inf, and, given `clip`, clips by the global norm first."""
+class GlobalNormClipper:
+    """Clipping by the global L2 norm of the model's gradients, each parameter counted once,
+    where Kiln clips: ZeRO 0 in fp32, where the optimizer holds the model's own parameters
+    (elsewhere DeepSpeed's ZeRO and bf16 code clips by the same rule)."""
 
-    overflow: bool = False
-    loss_nonfinite: torch.Tensor | None = None  # on the device: no host sync per micro-batch
-    last_grad_norm: float | None = None
-    clip_with: Callable[[], torch.Tensor] | None = None
-    max_norm: float = 0.0
+    def __init__(
+        self, module: nn.Module, max_norm: float, model_parallel_rank: int, model_parallel_group
+    ) -> None:
+        self.module, self.max_norm = module, max_norm
+        self.rank, self.group = model_parallel_rank, model_parallel_group
+
+    def norm(self) -> torch.Tensor:
+        """The global norm, on the device (reduced over the model-parallel group)."""
+        return global_grad_norm(self.module.parameters(), self.rank, self.group)
+
+    def clip(self, grads: list[torch.Tensor], norm: float) -> None:
+        """Scale `grads` down to `max_norm` when `norm` (a finite global norm) is above it."""
+        if grads and self.max_norm > 0 and norm > self.max_norm:
+            torch._foreach_mul_(grads, self.max_norm / (norm + 1e-6))
+
+
+class NonFiniteGuard:
+    """Whether anything in this step was NaN or Inf, decided once for every rank.
+
+    `begin_step` opens a step; the loss calls `note_loss` for each micro-batch (the flag stays
+    on the device); the optimizer calls `decide` at its first `step()` of the step, with its
+    gradients and, where Kiln clips, the global norm. `skip` and `grad_norm` hold the result.
+    """
+
+    def __init__(self) -> None:
+        self.begin_step()
 
     def begin_step(self) -> None:
-        self.overflow = False
-        self.loss_nonfinite = None
-        self.last_grad_norm = None
-        self._decided = False
+        self.loss_nonfinite: torch.Tensor | None = None
+        self.decided = False
+        self.skip = False
+        self.grad_norm: float | None = None
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        """Remember whether a micro-batch's loss was finite, on the device (read at `step`)."""
+        """Remember whether a micro-batch's loss was finite, on the device: no host sync."""
         bad = ~torch.isfinite(loss.detach())
         self.loss_nonfinite = bad if self.loss_nonfinite is None else self.loss_nonfinite | bad
 
+    def decide(self, grads: list[torch.Tensor], norm: torch.Tensor | None = None) -> bool:
+        """Skip the update? True on every rank when a noted loss, `norm` (the global gradient
+        norm, when given) or else any of `grads` was not finite on any rank. One all-reduce
+        and one host sync for the step, however many times the optimizer steps."""
+        if self.decided:
+            return self.skip
+        if norm is not None:
+            device = norm.device
+        else:
+            device = grads[0].device if grads else torch.device("cpu")
+        flag = torch.zeros((), device=device)
+        if self.loss_nonfinite is not None:
+            flag = flag + self.loss_nonfinite.to(device).float().reshape(())
+        if norm is not None:
+            flag = flag + (~torch.isfinite(norm)).float()
+        elif grads:
+            flag = flag + (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if norm is None:
+            self.skip = bool(flag.item() > 0)
+        else:  # the norm is the same on every rank: read it with the flag, in one copy
+            bad, self.grad_norm = torch.stack([flag, norm.float().reshape(())]).tolist()
+            self.skip = bad > 0
+        self.decided = True
+        return self.skip
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """torch's AdamW that consults `guard` before each update and clips with `clipper`
+    (when given) once the guard has found the step finite."""
+
+    def __init__(
+        self,
+        params,
+        guard: NonFiniteGuard,
+        clipper: GlobalNormClipper | None = None,
+        **options,
+    ) -> None:
+        super().__init__(params, **options)
+        self.guard, self.clipper = guard, clipper
+
+    @property
+    def overflow(self) -> bool:
+        """Read by DeepSpeed (where it does not wrap this optimizer) to count a skipped step."""
+        return self.guard.skip
+
     @torch.no_grad()
     def step(self, closure=None):
-        if not getattr(self, "_decided", False):
-            self._decided = True
-            self.overflow = self._anything_nonfinite()
-        if self.overflow:
+        # ZeRO steps each parameter group separately: the first call decides for the step.
+        if not self.guard.decided:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norm = self.clipper.norm() if self.clipper is not None else None
+            if not self.guard.decide(grads, norm) and self.clipper is not None:
+                assert self.guard.grad_norm is not None
+                self.clipper.clip(grads, self.guard.grad_norm)
+        if self.guard.skip:
             return None
         return super().step(closure)
 
-    def _anything_nonfinite(self) -> bool:
-        """One flag for the step, reduced over every rank: the step's single host sync."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        device = grads[0].device if grads else torch.device("cpu")
-        flag = torch.zeros(1, device=device)
-        if self.loss_nonfinite is not None:
-            flag = flag + self.loss_nonfinite.to(device).float()
-        if self.clip_with is not None:
-            norm = self.clip_with()
-            self.last_grad_norm = float(norm)
-            loss_bad = bool(flag.item())
-            bad = loss_bad or not math.isfinite(self.last_grad_norm)
-            if not bad and self.max_norm > 0 and self.last_grad_norm > self.max_norm:
-                torch._foreach_mul_(grads, self.max_norm / (self.last_grad_norm + 1e-6))
-            flag = torch.tensor([1.0 if bad else 0.0], device=device)
-        elif grads:
-            norms = torch.stack(torch._foreach_norm(grads))
-            flag = flag + (~torch.isfinite(norms)).any().float()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-
-def guarded(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    return type(f"Guarded{optimizer_class.__name__}", (NonFiniteGuard, optimizer_class), {})
-
 
 def make_optimizer(
-    groups: list[dict], optim: OptimConfig, device: torch.device
-) -> torch.optim.Optimizer:
+    groups: list[dict],
+    optim: OptimConfig,
+    device: torch.device,
+    guard: NonFiniteGuard,
+    clipper: GlobalNormClipper | None = None,
+) -> GuardedAdamW:
     """torch's AdamW: fused on GPUs (one kernel for all parameters, compiled with torch, so no
     rank JIT-builds DeepSpeed's FusedAdam at start-up and no stale build lock can hang a job)."""
     common = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
-    return guarded(torch.optim.AdamW)(groups, fused=device.type == "cuda" or None, **common)
+    fused = device.type == "cuda" or None
+    return GuardedAdamW(groups, guard, clipper, fused=fused, **common)

@@ -34,7 +34,7 @@ from pretrain.model.transformer import attention_backend
 from pretrain.parallel.layout import Layout, init_distributed, pick_device, setup_parallel
 
 from .checkpoint import CheckpointManager, TrainerState, describe_layout, fault_active
-from .engine import DTYPES, Batch, TrainEngine
+from .engine import DTYPES, Batch, StepResult, TrainEngine
 from .flops import flops_per_token, mfu, peak_flops
 from .schedule import lr_at
 from .state_pieces import StateLayout
@@ -174,7 +174,11 @@ class Trainer:
         np.random.seed(cfg.train.seed % 2**32)
         device = pick_device()
         if device.type == "cpu" and cfg.train.precision == "fp16":
-            raise RunError("train.precision = fp16: DeepSpeed has no fp16 on CPU; use bf16 or fp32")
+            if not fault_active("fp16-on-cpu", 0):
+                raise RunError(
+                    "train.precision = fp16: DeepSpeed has no fp16 on CPU; use bf16 or fp32"
+                )
+            allow_fp16_on_cpu()
         init_distributed(device)
         layout = Layout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data)
         self.parallel = setup_parallel(layout, device)
@@ -265,7 +269,8 @@ class Trainer:
             first_val = val = self.evaluate()
             report.log(state.step, {"val_loss": val, "val_ppl": perplexity(val)})
             report.say(f"step {state.step}: validation loss {val:.4f} (before training)")
-        streak = 0
+        streak = 0  # steps in a row skipped for divergence (fp16 overflows neither count nor reset)
+        at_min_scale = False  # an fp16 overflow at the minimum loss scale is in the streak
         while state.step < cfg.train.steps:
             started = time.perf_counter()
             lr = lr_at(state.step, cfg.optim, cfg.train.steps)
@@ -277,22 +282,33 @@ class Trainer:
             state.step += 1
             state.consumed_samples += cfg.train.global_batch_size
             values = self._step_metrics(result, lr, elapsed)
-            if result.skipped:
+            if result.diverged:
                 state.skipped_steps += 1
                 streak += 1
                 report.say(
-                    f"step {state.step}: non-finite loss or gradient (loss {result.loss}), "
-                    f"update skipped ({streak} in a row)"
+                    f"step {state.step}: {skip_reason(result)}, update skipped ({streak} in a row)"
+                )
+                at_min_scale = at_min_scale or result.overflow
+            elif result.overflow:
+                report.say(
+                    f"step {state.step}: fp16 gradients overflowed at loss scale "
+                    f"{result.loss_scale:g}; the loss scaler skipped the update (normal while "
+                    "the scale settles; not counted toward train.max_skipped_steps)"
                 )
             else:
-                streak = 0
+                streak, at_min_scale = 0, False
             if streak >= cfg.train.max_skipped_steps:
                 report.log(state.step, values)
                 self.checkpoints.wait()
                 latest = self.checkpoints.latest()
+                scale = (
+                    " or fp16 gradients overflowing at the minimum loss scale"
+                    if at_min_scale
+                    else ""
+                )
                 report.say(
                     f"kiln train: stopping: {streak} steps in a row had a NaN or Inf loss or "
-                    f"gradient (train.max_skipped_steps = {cfg.train.max_skipped_steps}). "
+                    f"gradient{scale} (train.max_skipped_steps = {cfg.train.max_skipped_steps}). "
                     f"The last good checkpoint is {latest or 'none (no checkpoint yet)'}; "
                     "lower optim.lr or check the data before resuming."
                 )
@@ -362,6 +378,11 @@ class Trainer:
             "step_time_s": elapsed,
             "memory_mib": memory_mib(self.parallel.device),
             "skipped": result.skipped,
+            **(
+                {"overflow": result.overflow, "loss_scale": result.loss_scale}
+                if result.loss_scale is not None
+                else {}
+            ),
         }
 
 
@@ -381,6 +402,24 @@ def state_layout(cfg: KilnConfig, parallel) -> StateLayout:
         stage=coordinates.pipe,
         data_rank=coordinates.data,
     )
+
+
+def skip_reason(result: StepResult) -> str:
+    if result.overflow:  # and, as it counts, at the minimum scale
+        return (
+            f"fp16 gradients overflowed at the minimum loss scale ({result.loss_scale:g}): "
+            "the run is diverging"
+        )
+    return f"non-finite loss or gradient (loss {result.loss})"
+
+
+def allow_fp16_on_cpu() -> None:
+    """The test fault `fp16-on-cpu`: DeepSpeed's CPU accelerator offers fp16 only where oneDNN
+    has fp16 kernels; PyTorch's own CPU kernels compute it anywhere, slowly, which is enough
+    for the tests of fp16's loss scaling on a machine without a GPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    type(get_accelerator()).is_fp16_supported = lambda self: True
 
 
 def perplexity(loss: float) -> float:
