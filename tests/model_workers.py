@@ -7,7 +7,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from pretrain.config import ModelConfig
-from pretrain.model.transformer import Transformer, cross_entropy, gather_logits
+from pretrain.model.transformer import (
+    Transformer,
+    cross_entropy,
+    gather_logits,
+    projection_parts,
+)
 
 
 def _gather(tensor: torch.Tensor, parameter: torch.nn.Parameter, world: int) -> torch.Tensor:
@@ -32,12 +37,16 @@ def tensor_parallel_step(
         gathered = gather_logits(logits).detach().clone()  # before the loss overwrites them
         loss = cross_entropy(logits, targets, config.vocab_size)
         loss.backward()
-        parameters = dict(net.named_parameters())
+        parts = [
+            (canonical, parameter, first, rows)
+            for name, parameter in net.named_parameters()
+            for canonical, first, rows in projection_parts(name, parameter)
+        ]  # canonical tensors: each projection of a fused layer gathered on its own
         return {
             "loss": loss.item(),
             "logits": gathered,
-            "weights": {n: _gather(p, p, world) for n, p in parameters.items()},
-            "grads": {n: _gather(p.grad, p, world) for n, p in parameters.items()},
+            "weights": {n: _gather(p.narrow(0, i, r), p, world) for n, p, i, r in parts},
+            "grads": {n: _gather(p.grad.narrow(0, i, r), p, world) for n, p, i, r in parts},
         }
     finally:
         parallel_state.destroy_model_parallel()

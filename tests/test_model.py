@@ -123,7 +123,8 @@ def test_residual_projections_use_the_scaled_init(single_rank):
     scaled = 0.02 / math.sqrt(2 * 8)
     assert block.attention.out.weight.std().item() == pytest.approx(scaled, rel=0.1)
     assert block.mlp.down.weight.std().item() == pytest.approx(scaled, rel=0.1)
-    assert block.attention.q.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert block.attention.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert block.mlp.gate_up.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt-tied"])

@@ -10,11 +10,16 @@ vocabulary too (embedding rows, output logits, cross entropy), padded to a multi
     llama: RMSNorm, rotary position embedding, SwiGLU MLP, grouped-query attention, no biases
     gpt:   LayerNorm, learned absolute positions, GELU MLP, biases
 
-Every projection is its own layer (q, k, v; gate, up), not a fused one: a fused weight's layout
-would depend on T, and separate ones map one to one onto Hugging Face's names. With
-`use_cpu_initialization` megatron-core draws each full weight on the CPU and keeps this rank's
-slice, and every layer is built under its own seed (`seed`, layer index), so the same seed
-gives the same full weights for every tensor- and pipeline-parallel layout.
+The projections that read the same input are fused into one column-parallel layer (q, k and v
+into `qkv`; gate and up into `gate_up`): one matrix multiplication, and one tensor-parallel
+all-reduce of the input's gradient in backward instead of three and two. A fused weight on
+rank t holds [q_t; k_t; v_t], each part's own slice, so its layout depends on T; checkpoints,
+exports and resharding therefore never see it: `projection_parts` names each part's rows by
+its canonical, layout-independent name (`attention.q.weight`, `mlp.up.weight`...). Each full
+weight is drawn on the CPU (`use_cpu_initialization`) before this rank keeps its slice, every
+part of a fused layer on its own in order, and every layer is built under its own seed
+(`seed`, layer index), so the same seed gives the same full weights for every tensor- and
+pipeline-parallel layout.
 
 Initialisation follows GPT-NeoX/Megatron: normal(0, init_std) everywhere, and
 normal(0, init_std / sqrt(2 * num_layers)) for the two projections that write into the residual
@@ -67,6 +72,12 @@ def _undrawn(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def tp_group():
+    """The tensor-parallel group, passed to every megatron-core layer (left out, megatron-core
+    0.16 warns on each construction and each row-parallel forward)."""
+    return parallel_state.get_tensor_model_parallel_group()
+
+
 def residual_std(model: ModelConfig) -> float:
     return model.init_std / math.sqrt(2.0 * model.num_layers)
 
@@ -80,6 +91,7 @@ def residual_projection(
         in_features,
         model.hidden_size,
         config=parallel,
+        tp_group=tp_group(),
         init_method=initializer(parallel, residual_std(model)),
         bias=model.arch == "gpt",
         input_is_parallel=True,
@@ -103,6 +115,63 @@ def parallel_config(
         draw_weights=initialize,
         recompute_core=recompute == "selective",
     )
+
+
+@dataclass(frozen=True)
+class FusedPart:
+    """One projection inside a fused column-parallel layer: its canonical module name (q, k,
+    v; gate, up) and its number of output features on one tensor-parallel rank."""
+
+    name: str
+    rows: int
+
+
+def fused_column(
+    parts: dict[str, int], in_features: int, model: ModelConfig, parallel: LayerConfig, bias: bool
+) -> tensor_parallel.ColumnParallelLinear:
+    """One column-parallel layer for several projections of the same input (`parts`: name ->
+    full output features). Rank t's weight is the concatenation of each part's t-th slice;
+    each part's full weight is drawn on its own, in order, as a separate layer's would be.
+    The weight (and bias) carries `fused_parts` for `projection_parts`."""
+    tensor = parallel.tensor_model_parallel_size
+    layer = tensor_parallel.ColumnParallelLinear(
+        in_features,
+        sum(parts.values()),
+        config=parallel,
+        tp_group=tp_group(),
+        init_method=_undrawn,
+        bias=bias,
+        gather_output=False,
+    )
+    layout = tuple(FusedPart(name, size // tensor) for name, size in parts.items())
+    for parameter in (layer.weight, layer.bias):
+        if parameter is not None:
+            parameter.fused_parts = layout
+    if parallel.draw_weights:
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        draw = normal_init(model.init_std)
+        slices = []
+        for part in layout:  # megatron-core's CPU initialisation, one part at a time
+            full = draw(torch.empty(part.rows * tensor, in_features, dtype=torch.float32))
+            slices.append(full[rank * part.rows : (rank + 1) * part.rows])
+        with torch.no_grad():
+            layer.weight.copy_(torch.cat(slices).to(parallel.params_dtype))
+    return layer
+
+
+def projection_parts(name: str, parameter: torch.Tensor) -> list[tuple[str, int, int]]:
+    """(canonical name, first row, rows) of each projection a local parameter holds: the parts
+    of a fused layer (`blocks.0.attention.qkv.weight` -> `blocks.0.attention.q.weight`, ...),
+    or the parameter itself, whole."""
+    parts = getattr(parameter, "fused_parts", None)
+    if not parts:
+        return [(name, 0, tuple(getattr(parameter, "ds_shape", parameter.shape))[0])]
+    owner, _fused, leaf = name.rsplit(".", 2)
+    out, row = [], 0
+    for part in parts:
+        out.append((f"{owner}.{part.name}.{leaf}", row, part.rows))
+        row += part.rows
+    return out
 
 
 def maybe_recomputed(active: bool, function: Callable, *tensors: torch.Tensor) -> torch.Tensor:
@@ -183,17 +252,22 @@ class Attention(nn.Module):
         self.head_dim = model.head_dim
         self.heads = model.num_heads // tensor
         self.kv_heads = model.num_kv_heads // tensor
-        bias = model.arch == "gpt"
-        column = partial(
-            tensor_parallel.ColumnParallelLinear,
-            config=parallel,
-            init_method=initializer(parallel, model.init_std),
-            bias=bias,
-            gather_output=False,
+        self.qkv = fused_column(
+            {
+                "q": model.num_heads * self.head_dim,
+                "k": model.num_kv_heads * self.head_dim,
+                "v": model.num_kv_heads * self.head_dim,
+            },
+            model.hidden_size,
+            model,
+            parallel,
+            bias=model.arch == "gpt",
         )
-        self.q = column(model.hidden_size, model.num_heads * self.head_dim)
-        self.k = column(model.hidden_size, model.num_kv_heads * self.head_dim)
-        self.v = column(model.hidden_size, model.num_kv_heads * self.head_dim)
+        self.split = (
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        )
         self.out = residual_projection(model.num_heads * self.head_dim, model, parallel)
         self.rotary = (
             RotaryEmbedding(self.head_dim, model.max_seq_length, model.rope_base)
@@ -205,14 +279,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
 
-        def heads(layer: nn.Module, count: int) -> torch.Tensor:
-            projected, _ = layer(x)
-            return projected.view(batch, seq, count, self.head_dim).transpose(1, 2)
-
+        projected, _ = self.qkv(x)
         q, k, v = (
-            heads(self.q, self.heads),
-            heads(self.k, self.kv_heads),
-            heads(self.v, self.kv_heads),
+            part.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            for part in projected.split(self.split, dim=-1)
         )
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
@@ -234,27 +304,29 @@ class MLP(nn.Module):
         super().__init__()
         assert model.ffn_hidden_size is not None
         self.arch = model.arch
-        bias = model.arch == "gpt"
-        column = partial(
-            tensor_parallel.ColumnParallelLinear,
-            model.hidden_size,
-            model.ffn_hidden_size,
-            config=parallel,
-            init_method=initializer(parallel, model.init_std),
-            bias=bias,
-            gather_output=False,
-        )
+        ffn = model.ffn_hidden_size
         if model.arch == "llama":
-            self.gate, self.up = column(), column()
+            self.gate_up = fused_column(
+                {"gate": ffn, "up": ffn}, model.hidden_size, model, parallel, False
+            )
         else:
-            self.fc = column()
+            self.fc = tensor_parallel.ColumnParallelLinear(
+                model.hidden_size,
+                ffn,
+                config=parallel,
+                tp_group=tp_group(),
+                init_method=initializer(parallel, model.init_std),
+                bias=True,
+                gather_output=False,
+            )
         self.down = residual_projection(model.ffn_hidden_size, model, parallel)
         self.recompute_core = parallel.recompute_core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recompute = self.recompute_core and self.training
         if self.arch == "llama":
-            hidden = maybe_recomputed(recompute, swiglu, self.gate(x)[0], self.up(x)[0])
+            gate, up = self.gate_up(x)[0].chunk(2, dim=-1)
+            hidden = maybe_recomputed(recompute, swiglu, gate, up)
         else:
             hidden = maybe_recomputed(recompute, gelu, self.fc(x)[0])
         out, _ = self.down(hidden)
@@ -300,6 +372,7 @@ class Embedding(nn.Module):
             model.hidden_size,
             init_method=initializer(parallel, model.init_std),
             config=parallel,
+            tp_group=tp_group(),
         )
         self.tied_output = (
             output_layer(model, parallel, weightless=True) if model.tie_embeddings else None
@@ -326,6 +399,7 @@ def output_layer(
         model.hidden_size,
         padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size),
         config=parallel,
+        tp_group=tp_group(),
         init_method=initializer(parallel, model.init_std),
         bias=False,
         gather_output=False,

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from pretrain.model.pipeline import canonical_name
+from pretrain.model.transformer import projection_parts
 
 from .dcp_io import Region
 from .optimizer_state import MOMENTS, OptimizerState
@@ -167,19 +168,71 @@ def canonical_parameters(module: nn.Module, num_layers: int) -> list[tuple[str, 
     return out
 
 
+@dataclass(frozen=True)
+class Part:
+    """A canonical tensor's local rows in a parameter: the whole parameter, or one projection
+    of a fused layer (`first_row`, `rows` of the parameter's rows on this TP rank)."""
+
+    name: str
+    parameter: nn.Parameter
+    first_row: int
+    rows: int
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        return (self.rows, *local_shape(self.parameter)[1:])
+
+    def global_shape(self, layout: StateLayout) -> tuple[int, ...]:
+        shape = list(self.local_shape)
+        dim = partition_dim(self.parameter)
+        if dim is not None:
+            shape[dim] *= layout.tensor
+        if self.name in VOCAB_PADDED:
+            shape[0] = layout.vocab_size
+        return tuple(shape)
+
+    def fragment(self, start: int, flat: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """The part of a parameter's flat range [start, start + len(flat)) that falls in these
+        rows, as (start within the part, view); None when none does."""
+        inner = math.prod(self.local_shape[1:])
+        low, high = self.first_row * inner, (self.first_row + self.rows) * inner
+        begin, end = max(start, low), min(start + flat.numel(), high)
+        if begin >= end:
+            return None
+        return begin - low, flat.narrow(0, begin - start, end - begin)
+
+    def piece(
+        self, key: str, layout: StateLayout, start: int, flat: torch.Tensor, rows=None
+    ) -> Piece | None:
+        """This part's piece of a parameter's fragment (start, flat), under `key`."""
+        fragment = self.fragment(start, flat)
+        if fragment is None:
+            return None
+        return Piece(
+            key=key,
+            global_shape=self.global_shape(layout),
+            local_shape=self.local_shape,
+            tp_dim=partition_dim(self.parameter),
+            tp_rank=layout.tensor_rank,
+            start=fragment[0],
+            flat=fragment[1],
+            rows=rows,
+        )
+
+
+def canonical_parts(module: nn.Module, num_layers: int) -> list[Part]:
+    """Every canonical tensor of a Transformer or pipeline stage, each once, as rows of the
+    parameter holding it (the projections of a fused layer apart)."""
+    return [
+        Part(canonical, parameter, first, rows)
+        for name, parameter in canonical_parameters(module, num_layers)
+        for canonical, first, rows in projection_parts(name, parameter)
+    ]
+
+
 def local_shape(parameter: nn.Parameter) -> tuple[int, ...]:
     """This TP rank's shape of a parameter, also when ZeRO 3 has partitioned it away."""
     return tuple(getattr(parameter, "ds_shape", parameter.shape))
-
-
-def global_shape(name: str, parameter: nn.Parameter, layout: StateLayout) -> tuple[int, ...]:
-    shape = list(local_shape(parameter))
-    dim = partition_dim(parameter)
-    if dim is not None:
-        shape[dim] *= layout.tensor
-    if name in VOCAB_PADDED:
-        shape[0] = layout.vocab_size
-    return tuple(shape)
 
 
 def state_key(kind: str, name: str) -> str:
@@ -216,28 +269,18 @@ def rank_pieces(
         owners = balanced_owners([p.numel() for _, p in parameters], layout.data)
     pieces = []
     for index, (name, parameter) in enumerate(parameters):
-        rows = None
-        if for_writing and tied and name == TIED:
-            rows = tied_rows(layout)
         if for_writing and owners is not None and owners[index] != layout.data_rank:
             continue
         for kind in kinds:
             fragment = optimizer.fragment(parameter, None if kind == MODEL else kind)
             if fragment is None:
                 continue
-            start, flat = fragment
-            pieces.append(
-                Piece(
-                    key=state_key(kind, name),
-                    global_shape=global_shape(name, parameter, layout),
-                    local_shape=local_shape(parameter),
-                    tp_dim=partition_dim(parameter),
-                    tp_rank=layout.tensor_rank,
-                    start=start,
-                    flat=flat,
-                    rows=rows,
-                )
-            )
+            for canonical, first, count in projection_parts(name, parameter):
+                part = Part(canonical, parameter, first, count)
+                rows = tied_rows(layout) if for_writing and tied and canonical == TIED else None
+                piece = part.piece(state_key(kind, canonical), layout, *fragment, rows=rows)
+                if piece is not None:
+                    pieces.append(piece)
     return pieces
 
 

@@ -16,17 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pretrain.model.transformer import projection_parts
+
 from .dcp_io import CheckpointShapeError, Region, load_regions, read_metadata
 from .optimizer_state import MOMENTS, OptimizerState
 from .state_pieces import (
     MODEL,
     VOCAB_PADDED,
-    Piece,
+    Part,
     StateLayout,
     canonical_parameters,
-    global_shape,
-    local_shape,
-    partition_dim,
     rank_pieces,
     state_key,
 )
@@ -107,8 +106,13 @@ def consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy full weights into a one-rank `Transformer`, zero-filling its vocabulary padding."""
-    own = dict(model.named_parameters())
+    """Copy full weights (canonical names) into a one-rank `Transformer`, zero-filling its
+    vocabulary padding; a fused layer gets its projections concatenated."""
+    own = {
+        canonical: (parameter, first, rows)
+        for name, parameter in model.named_parameters()
+        for canonical, first, rows in projection_parts(name, parameter)
+    }
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     if missing or unexpected:
@@ -116,18 +120,19 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
             f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     with torch.no_grad():
-        for name, parameter in own.items():
+        for name, (parameter, first, rows) in own.items():
+            target = parameter.narrow(0, first, rows)
             source = weights[name].to(parameter.dtype)
-            if name in VOCAB_PADDED and source.shape[0] < parameter.shape[0]:
-                parameter.zero_()
-                parameter[: source.shape[0]].copy_(source)
-            elif source.shape != parameter.shape:
+            if name in VOCAB_PADDED and source.shape[0] < target.shape[0]:
+                target.zero_()
+                target[: source.shape[0]].copy_(source)
+            elif source.shape != target.shape:
                 raise CheckpointError(
                     f"{name}: checkpoint shape {tuple(source.shape)}, "
-                    f"model shape {tuple(parameter.shape)}"
+                    f"model shape {tuple(target.shape)}"
                 )
             else:
-                parameter.copy_(source)
+                target.copy_(source)
 
 
 # -- a resume: each rank reads the regions it holds ------------------------------------------
@@ -156,16 +161,11 @@ def load_module_weights(
             fp32 = parameter.data.dtype == torch.float32 and parameter.data.is_contiguous()
             holder = parameter.data if fp32 else torch.empty_like(parameter, dtype=torch.float32)
             holder.zero_()
-            piece = Piece(
-                key=state_key(MODEL, name),
-                global_shape=global_shape(name, parameter, layout),
-                local_shape=local_shape(parameter),
-                tp_dim=partition_dim(parameter),
-                tp_rank=layout.tensor_rank,
-                start=0,
-                flat=holder.view(-1),
-            )
-            targets += piece.regions()
+            for canonical, first, rows in projection_parts(name, parameter):
+                part = Part(canonical, parameter, first, rows)
+                piece = part.piece(state_key(MODEL, canonical), layout, 0, holder.view(-1))
+                assert piece is not None
+                targets += piece.regions()
             if not fp32:
                 copies.append((parameter, holder))
         _load(checkpoint, targets, [], group)
