@@ -51,6 +51,7 @@ def runs(tmp_path_factory, data):
             nproc, overrides = LAYOUTS[name]
             result = train(data, root / name, nproc, *overrides)
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+            (root / name / "stdout.log").write_text(result.stdout)
             done[name] = root / name
         return done[name]
 

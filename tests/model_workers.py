@@ -62,3 +62,23 @@ def checkpoint_logits(rank: int, world: int, run_dir: str, ids: torch.Tensor) ->
             return loaded.model(ids)[..., : loaded.cfg.model.vocab_size].clone()
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def collectives_per_step(rank: int, world: int, model: dict, layers: int) -> dict[str, int]:
+    """Tensor-parallel collectives in one forward and backward of a `layers`-layer model,
+    as PyTorch's profiler records them (by name)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    try:
+        config = ModelConfig(**{**model, "num_layers": layers})
+        net = Transformer(config, tensor=world, seed=0)
+        ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator())
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            net(ids, ids).backward()
+        names = Counter(event.name for event in prof.events())
+        return {name: count for name, count in names.items() if "gloo:" in name}
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -14,7 +14,7 @@ from pretrain.config import ModelConfig
 from pretrain.model.sizing import count_parameters, padded_vocab_size
 from pretrain.model.transformer import Transformer
 from tests.distributed import free_port, run_ranks
-from tests.model_workers import tensor_parallel_step
+from tests.model_workers import collectives_per_step, tensor_parallel_step
 
 # Not a multiple of 128: padded to 1152 rows on one rank and to 1280 on two.
 VOCAB = 1100
@@ -180,3 +180,40 @@ def test_a_model_built_to_be_loaded_draws_no_random_weights(single_rank, name, m
 
     assert layout(model) == layout(drawn)
     assert any(marks[1] for marks in layout(model).values())  # some weights are split
+
+
+def test_a_tensor_parallel_layer_costs_two_all_reduces_each_way(tmp_path):
+    """Fused q/k/v and gate/up: per layer one all-reduce after each row-parallel projection in
+    forward (attention out, MLP down) and one of the input gradient of each column-parallel
+    layer in backward (qkv, gate_up); five in backward were separate q, k, v, gate, up."""
+    config = VARIANTS["llama-gqa-untied"]
+    one = run_ranks(collectives_per_step, 2, tmp_path, config, 1)
+    three = run_ranks(collectives_per_step, 2, tmp_path, config, 3)
+    per_layer = {name: (three.get(name, 0) - one.get(name, 0)) / 2 for name in three}
+    assert per_layer == {"gloo:all_reduce": 4}, (one, three)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt-tied"])
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_compiled_block_compute_gives_the_eager_numbers(single_rank, name, recompute):
+    """`train.compile`: inductor's kernels for the norms, rotary attention and MLP
+    activation give the eager loss and gradients (fp32, CPU) and really are compiled."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 32), generator=generator)
+    targets = torch.randint(0, VOCAB, (2, 32), generator=generator)
+    results = []
+    for compile in (False, True):
+        model = Transformer(
+            ModelConfig(**VARIANTS[name]), seed=4, recompute=recompute, compile=compile
+        )
+        model.train()
+        loss = model(ids, targets)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    for parameter, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[parameter], grad, rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # norm, attention, MLP

@@ -47,10 +47,15 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
         ("selective", "single"),
         ("tp2-pp2-selective", "single"),
         ("gpt-tp2-pp2", "gpt-single"),
+        ("tp2-compile", "single"),
+        ("pp2-compile", "single"),
+        ("dp2-zero1-compile", "single"),
     ],
 )
 def test_parallel_layout_matches_one_process(runs, name, reference):
     expected, got = losses(runs(reference)), losses(runs(name))
+    compiled = "block compute compiled" in (runs(name) / "stdout.log").read_text()
+    assert compiled == ("compile" in name)
     assert sorted(expected) == list(range(1, 11))
     assert expected[10] < expected[1] - 0.2, "the reference run did not learn"
     assert got.keys() == expected.keys()

@@ -65,6 +65,17 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
         4,
         ["parallel.tensor=2", "parallel.pipeline=2", "train.activation_checkpointing=selective"],
     ),
+    # torch.compile (inductor on CPU) of each block's compute: the eager numbers, also with
+    # tensor-parallel collectives, pipeline stages and either kind of recomputation.
+    "tp2-compile": (
+        2,
+        ["parallel.tensor=2", "train.compile=true", "train.activation_checkpointing=selective"],
+    ),
+    "pp2-compile": (
+        2,
+        ["parallel.pipeline=2", "train.compile=true", "train.activation_checkpointing=full"],
+    ),
+    "dp2-zero1-compile": (2, ["parallel.zero_stage=1", "train.compile=true"]),
     # GPT (GPT-2's shape: every head its own K and V): tied embeddings, kept on the first and
     # the last stage; learned positions; biases.
     "gpt-single": (1, ["model.arch=gpt", "model.num_kv_heads=4"]),

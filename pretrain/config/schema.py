@@ -140,6 +140,11 @@ class TrainConfig(ConfigSection):
             return on_off[value]
         return value
 
+    compile: bool | None = Field(
+        default=None,
+        description="torch.compile each block's compute (norms, RoPE, attention, MLP "
+        "activation); unset: on for GPUs, off on CPU.",
+    )
     max_skipped_steps: PositiveInt = Field(
         default=10,
         description="Stop after this many steps in a row skipped for a NaN/Inf loss or "

@@ -28,6 +28,7 @@ from pretrain.config import ModelConfig
 from .transformer import (
     Block,
     Embedding,
+    LayerNorm,
     OutputLayer,
     RMSNorm,
     cross_entropy,
@@ -62,11 +63,11 @@ def tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
     return embedding.logits(x)
 
 
-def norm_spec(model: ModelConfig, seed: int) -> LayerSpec:
-    index = model.num_layers + 1
-    if model.arch == "llama":
-        return SeededLayerSpec(seed, index, RMSNorm, model.hidden_size, model.norm_eps)
-    return SeededLayerSpec(seed, index, nn.LayerNorm, model.hidden_size, eps=model.norm_eps)
+def norm_spec(model: ModelConfig, seed: int, compile: bool) -> LayerSpec:
+    norm = RMSNorm if model.arch == "llama" else LayerNorm
+    return SeededLayerSpec(
+        seed, model.num_layers + 1, norm, model.hidden_size, model.norm_eps, compile
+    )
 
 
 def layer_specs(
@@ -76,8 +77,9 @@ def layer_specs(
     dtype: torch.dtype,
     initialize: bool = True,
     recompute: str = "none",
+    compile: bool = False,
 ) -> list:
-    parallel = parallel_config(tensor, dtype, initialize, recompute)
+    parallel = parallel_config(tensor, dtype, initialize, recompute, compile)
     layers = model.num_layers
     if model.tie_embeddings:
         first = SeededTiedLayerSpec(seed, 0, TIED_KEY, Embedding, model, parallel)
@@ -90,7 +92,7 @@ def layer_specs(
         first = SeededLayerSpec(seed, 0, Embedding, model, parallel)
         last = SeededLayerSpec(seed, layers + 2, OutputLayer, model, parallel)
     blocks = [SeededLayerSpec(seed, 1 + i, Block, model, parallel) for i in range(layers)]
-    return [first, *blocks, norm_spec(model, seed), last]
+    return [first, *blocks, norm_spec(model, seed, compile), last]
 
 
 def vocabulary_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -106,13 +108,14 @@ def build_pipeline(
     recompute: str = "none",
     loss_fn=None,
     initialize: bool = True,
+    compile: bool = False,
 ) -> PipelineModule:
     """The pipeline model; `loss_fn(logits, targets)` runs on the last stage (default: the
     mean cross entropy over the real vocabulary). `initialize=False`: weights left undrawn,
     for a resume that loads them next."""
     tensor = topology.get_dim("model")
     return PipelineModule(
-        layers=layer_specs(model, tensor, seed, dtype, initialize, recompute),
+        layers=layer_specs(model, tensor, seed, dtype, initialize, recompute, compile),
         topology=topology,
         loss_fn=loss_fn or partial(vocabulary_loss, vocab_size=model.vocab_size),
         partition_method=partition,

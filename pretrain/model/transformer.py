@@ -52,12 +52,13 @@ def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @dataclass
 class LayerConfig(ModelParallelConfig):
-    """megatron-core's layer settings, whether the initial weights are drawn at all, and
-    whether the attention core and the MLP activation are recomputed in backward (selective
-    activation checkpointing)."""
+    """megatron-core's layer settings, whether the initial weights are drawn at all, whether
+    the attention core and the MLP activation are recomputed in backward (selective activation
+    checkpointing), and whether the block's own compute is `torch.compile`d (`kernel`)."""
 
     draw_weights: bool = True
     recompute_core: bool = False
+    compile_kernels: bool = False
 
 
 def initializer(parallel: LayerConfig, std: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -104,17 +105,30 @@ def parallel_config(
     dtype: torch.dtype = torch.float32,
     initialize: bool = True,
     recompute: str = "none",
+    compile: bool = False,
 ) -> LayerConfig:
     """megatron-core's layer settings: weights drawn whole on the CPU, then sliced per rank;
     `initialize=False` leaves them undrawn, for a model whose weights are loaded next;
-    `recompute="selective"` recomputes the attention core and the MLP activation."""
+    `recompute="selective"` recomputes the attention core and the MLP activation; `compile`
+    compiles the norms, the rotary embedding with attention, and the MLP activation."""
     return LayerConfig(
         tensor_model_parallel_size=tensor,
         use_cpu_initialization=True,
         params_dtype=dtype,
         draw_weights=initialize,
         recompute_core=recompute == "selective",
+        compile_kernels=compile,
     )
+
+
+def kernel(function: Callable, parallel: LayerConfig) -> Callable:
+    """`function` itself, or compiled. Only tensor-in, tensor-out compute is compiled: the
+    megatron-core layers, whose autograd functions run tensor-parallel collectives, stay
+    outside the compiled regions (dynamo would break its graphs on them). Every layer's
+    wrapper shares one compiled code per function and input shape."""
+    if parallel.compile_kernels:
+        return torch.compile(function, fullgraph=True, dynamic=False)
+    return function
 
 
 @dataclass(frozen=True)
@@ -188,22 +202,40 @@ def seeded(seed: int, index: int, build: Callable[[], Module]) -> Module:
         return build()
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()  # one cast, shared by the statistic and the scaling
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, compile: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.norm = torch.compile(rms_norm, fullgraph=True, dynamic=False) if compile else rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # one cast, shared by the statistic and the scaling
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return self.norm(x, self.weight, self.eps)
 
 
-def make_norm(model: ModelConfig) -> nn.Module:
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm (same parameter names), optionally compiled."""
+
+    def __init__(self, size: int, eps: float, compile: bool = False) -> None:
+        super().__init__(size, eps=eps)
+        self.norm = (
+            torch.compile(F.layer_norm, fullgraph=True, dynamic=False) if compile else F.layer_norm
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def make_norm(model: ModelConfig, compile: bool = False) -> nn.Module:
     if model.arch == "llama":
-        return RMSNorm(model.hidden_size, model.norm_eps)
-    return nn.LayerNorm(model.hidden_size, eps=model.norm_eps)
+        return RMSNorm(model.hidden_size, model.norm_eps, compile)
+    return LayerNorm(model.hidden_size, model.norm_eps, compile)
 
 
 class RotaryEmbedding(nn.Module):
@@ -236,10 +268,29 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, heads, S, head_dim]."""
-        cos, sin = self.tables(x.shape[-2], x.device, x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return rotate(x, *self.tables(x.shape[-2], x.device, x.dtype))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, heads, S, head_dim] with tables [S, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> torch.Tensor:
+    """Rotary embedding of q and k (when given tables), then causal SDPA: [B, heads, S, d]."""
+    if cos is not None and sin is not None:
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
 class Attention(nn.Module):
@@ -275,6 +326,7 @@ class Attention(nn.Module):
             else None
         )
         self.recompute_core = parallel.recompute_core
+        self.core = kernel(attention_core, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -284,17 +336,13 @@ class Attention(nn.Module):
             part.view(batch, seq, -1, self.head_dim).transpose(1, 2)
             for part in projected.split(self.split, dim=-1)
         )
+        cos = sin = None
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        y = maybe_recomputed(self.recompute_core and self.training, self._core, q, k, v)
+            cos, sin = self.rotary.tables(seq, x.device, x.dtype)
+        y = maybe_recomputed(self.recompute_core and self.training, self.core, q, k, v, cos, sin)
         y = y.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
         out, _ = self.out(y)
         return out
-
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads
-        )
 
 
 class MLP(nn.Module):
@@ -321,19 +369,19 @@ class MLP(nn.Module):
             )
         self.down = residual_projection(model.ffn_hidden_size, model, parallel)
         self.recompute_core = parallel.recompute_core
+        self.activation = kernel(swiglu_of_fused if model.arch == "llama" else gelu, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recompute = self.recompute_core and self.training
-        if self.arch == "llama":
-            gate, up = self.gate_up(x)[0].chunk(2, dim=-1)
-            hidden = maybe_recomputed(recompute, swiglu, gate, up)
-        else:
-            hidden = maybe_recomputed(recompute, gelu, self.fc(x)[0])
+        projected = self.gate_up(x)[0] if self.arch == "llama" else self.fc(x)[0]
+        hidden = maybe_recomputed(recompute, self.activation, projected)
         out, _ = self.down(hidden)
         return out
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_of_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused [..., gate | up] projection (this rank's halves)."""
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
@@ -346,9 +394,9 @@ class Block(nn.Module):
 
     def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
-        self.attention_norm = make_norm(model)
+        self.attention_norm = make_norm(model, parallel.compile_kernels)
         self.attention = Attention(model, parallel)
-        self.mlp_norm = make_norm(model)
+        self.mlp_norm = make_norm(model, parallel.compile_kernels)
         self.mlp = MLP(model, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -483,9 +531,10 @@ class Transformer(nn.Module):
         dtype: torch.dtype = torch.float32,
         recompute: str = "none",
         initialize: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
-        parallel = parallel_config(tensor, dtype, initialize, recompute)
+        parallel = parallel_config(tensor, dtype, initialize, recompute, compile)
         layers = model.num_layers
         self.config = model
         self.checkpoint_blocks = recompute == "full"
@@ -493,7 +542,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(
             seeded(seed, 1 + i, lambda: Block(model, parallel)) for i in range(layers)
         )
-        self.norm = seeded(seed, layers + 1, lambda: make_norm(model))
+        self.norm = seeded(seed, layers + 1, lambda: make_norm(model, compile))
         self.output = (
             None
             if model.tie_embeddings

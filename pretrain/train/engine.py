@@ -78,6 +78,12 @@ def deepspeed_config(cfg: KilnConfig, clip_in_deepspeed: bool) -> dict:
     }
 
 
+def compile_enabled(cfg: KilnConfig, device: torch.device) -> bool:
+    """`train.compile`, or where unset: on for GPUs, off on CPU (where compiling the small
+    kernels of a CPU run costs more start-up than it saves)."""
+    return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+
+
 class PipelineLoss:
     """The loss on the last pipeline stage; tells `guard` whether each one is finite.
     `poison` makes it NaN (the failure tests' fault)."""
@@ -154,6 +160,7 @@ class TrainEngine:
 
     def _build_module(self, cfg: KilnConfig, parallel: Parallel, dtype, initialize: bool):
         assert cfg.model is not None
+        compile = compile_enabled(cfg, parallel.device)
         if self.pipelined:
             return build_pipeline(
                 cfg.model,
@@ -164,6 +171,7 @@ class TrainEngine:
                 recompute=cfg.train.activation_checkpointing,
                 loss_fn=self.loss_fn,
                 initialize=initialize,
+                compile=compile,
             )
         return Transformer(
             cfg.model,
@@ -172,6 +180,7 @@ class TrainEngine:
             dtype=dtype,
             recompute=cfg.train.activation_checkpointing,
             initialize=initialize,
+            compile=compile,
         )
 
     @property

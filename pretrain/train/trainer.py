@@ -34,7 +34,7 @@ from pretrain.model.transformer import attention_backend
 from pretrain.parallel.layout import Layout, init_distributed, pick_device, setup_parallel
 
 from .checkpoint import CheckpointManager, TrainerState, describe_layout, fault_active
-from .engine import DTYPES, Batch, StepResult, TrainEngine
+from .engine import DTYPES, Batch, StepResult, TrainEngine, compile_enabled
 from .flops import flops_per_token, mfu, peak_flops
 from .schedule import lr_at
 from .state_pieces import StateLayout
@@ -243,7 +243,11 @@ class Trainer:
             DTYPES[cfg.train.precision],
             self.parallel.device,
         )
-        report.say(f"attention: scaled_dot_product_attention runs the {backend} kernel")
+        compiled = "compiled" if compile_enabled(cfg, self.parallel.device) else "eager"
+        report.say(
+            f"attention: scaled_dot_product_attention runs the {backend} kernel | block "
+            f"compute {compiled} | recompute {cfg.train.activation_checkpointing}"
+        )
         resume = self.resume
         if resume is None:
             return
