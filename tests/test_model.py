@@ -217,3 +217,30 @@ def test_compiled_block_compute_gives_the_eager_numbers(single_rank, name, recom
     for parameter, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[parameter], grad, rtol=1e-5, atol=1e-6)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # norm, attention, MLP
+
+
+def test_the_bf16_loss_keeps_no_fp32_copy_of_the_logits_and_equals_the_whole_loss(single_rank):
+    from pretrain.model.transformer import cross_entropy
+
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 16, 1152, generator=generator).to(torch.bfloat16)
+    targets = torch.randint(0, VOCAB, (2, 16), generator=generator)
+    outcomes = {}
+    for name, chunk in (("whole", None), ("chunked", 5 * 1152)):  # 7 chunks, the last short
+        leaf = logits.clone().requires_grad_()
+        saved: list[torch.Tensor] = []
+
+        def keep(tensor: torch.Tensor, saved=saved) -> torch.Tensor:
+            saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = cross_entropy(leaf, targets, VOCAB, chunk_elements=chunk)
+        fp32_saved = max((t.numel() for t in saved if t.dtype == torch.float32), default=0)
+        loss.backward()
+        outcomes[name] = (loss.item(), leaf.grad, fp32_saved)
+    whole, chunked = outcomes["whole"], outcomes["chunked"]
+    assert whole[2] == logits.numel()  # the whole loss keeps the fp32 softmax of every logit
+    assert chunked[2] == 0
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-6)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=0)

@@ -497,12 +497,49 @@ def attention_backend(
         return "unknown"
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+LOSS_CHUNK_ELEMENTS = 2**26  # fp32 logits one chunk of the loss may hold: 256 MiB
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    chunk_elements: int | None = LOSS_CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """Mean next-token loss over vocabulary-parallel logits [B, S, V/T] of a vocabulary of
-    `vocab_size` real tokens (the rest is padding). megatron-core works in place to save
-    memory: fp32 `logits` hold garbage afterwards."""
-    logits = mask_vocab_padding(logits.float(), vocab_size)
-    return tensor_parallel.vocab_parallel_cross_entropy(logits, targets).mean()
+    `vocab_size` real tokens (the rest is padding).
+
+    Of bf16/fp16 logits in training the loss is taken over chunks of at most `chunk_elements`
+    logits, each chunk's fp32 softmax recomputed in backward: autograd keeps the logits in
+    their own dtype only, never an fp32 copy of them all (megatron-core's saved softmax: 4
+    bytes per logit, twice the bf16 logits themselves). fp32 logits are taken whole:
+    megatron-core computes the softmax and its gradient in place in them, which no chunking
+    beats. `chunk_elements=None` takes the loss whole in any dtype (the reference the chunked
+    loss equals). megatron-core works in place: fp32 `logits` hold garbage afterwards."""
+    low_precision = logits.dtype != torch.float32
+    if chunk_elements is None or not low_precision or not torch.is_grad_enabled():
+        return _loss_sum(logits.float(), targets, vocab_size) / targets.numel()
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    tokens = max(1, chunk_elements // logits.shape[-1])
+    total = sum(
+        torch.utils.checkpoint.checkpoint(
+            _chunk_loss_sum, chunk, chunk_targets, vocab_size, use_reentrant=False
+        )
+        for chunk, chunk_targets in zip(
+            flat_logits.split(tokens), flat_targets.split(tokens), strict=True
+        )
+    )
+    return total / targets.numel()
+
+
+def _chunk_loss_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return _loss_sum(logits.float(), targets, vocab_size)  # a copy: the input stays intact
+
+
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    logits = mask_vocab_padding(logits, vocab_size)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, targets).sum()
 
 
 @torch.no_grad()
