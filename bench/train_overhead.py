@@ -41,10 +41,8 @@ too: it is the steadier figure when other work on the machine makes single steps
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -57,112 +55,16 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.step_timing import (  # noqa: E402
+    PlainLoop,
+    choose_device,
+    interleave,
+    kiln_engine,
+    kiln_side,
+    make_batches,
+    single_process_group,
+)
 from pretrain.train.main import quiet_imports  # noqa: E402
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def choose_device(name: str) -> torch.device:
-    from pretrain.parallel.layout import pick_device
-
-    if name == "auto":
-        return pick_device()
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("--device cuda: no CUDA device here")
-        return pick_device()
-    os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is first imported
-    return torch.device("cpu")
-
-
-def make_batches(cfg, count: int) -> list[list[Batch]]:
-    """`count` steps of random token ids, each a list of (inputs, targets) micro-batches."""
-    train = cfg.train
-    generator = torch.Generator().manual_seed(train.seed)
-    steps = []
-    for _ in range(count):
-        micro = []
-        for _ in range(train.gradient_accumulation_steps):
-            tokens = torch.randint(
-                0,
-                cfg.model.vocab_size,
-                (train.micro_batch_size, train.seq_length + 1),
-                generator=generator,
-            )
-            micro.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
-        steps.append(micro)
-    return steps
-
-
-class PlainLoop:
-    """The textbook loop: accumulate, clip, step, zero_grad."""
-
-    def __init__(self, cfg, device: torch.device) -> None:
-        from pretrain.model.transformer import Transformer
-        from pretrain.train.optimizer import parameter_groups
-
-        optim = cfg.optim
-        self.cfg, self.device = cfg, device
-        self.model = Transformer(
-            cfg.model,
-            tensor=1,
-            seed=cfg.train.seed,
-            recompute=cfg.train.activation_checkpointing,
-        ).to(device)  # fp32 weights in every precision; autocast does the rest
-        self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, optim),
-            lr=optim.lr,
-            betas=(optim.beta1, optim.beta2),
-            eps=optim.eps,
-            fused=device.type == "cuda" or None,
-        )
-        self.autocast = AUTOCAST[cfg.train.precision]
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
-        self.max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
-
-    def train_step(self, micro_batches: list[Batch], lr: float) -> tuple[float, float]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        losses = []
-        for inputs, targets in micro_batches:
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            with torch.autocast(
-                self.device.type, dtype=self.autocast, enabled=self.autocast is not None
-            ):
-                loss = self.model(inputs, targets)
-            scaled = loss / len(micro_batches)
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            losses.append(loss.detach().float())
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses).mean().item(), norm.item()
-
-
-def timed(device: torch.device, fn, *args):
-    """(seconds, result) of one call, the device drained at both ends."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    result = fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started, result
 
 
 def main() -> None:
@@ -195,20 +97,11 @@ def main() -> None:
             "only, so the plain loop cannot run them under CPU autocast)"
         )
 
-    os.environ.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-    )  # fmt: skip
-    from pretrain.parallel.layout import Layout, init_distributed, setup_parallel
-    from pretrain.train.engine import TrainEngine
     from pretrain.train.schedule import lr_at
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(train.seed)
-    init_distributed(device)
-    parallel = setup_parallel(Layout(1, 1, 1), device)
-    kiln = TrainEngine(cfg, parallel)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    parallel = single_process_group(device)
+    kiln = kiln_engine(cfg, parallel)
     plain = PlainLoop(cfg, device)
 
     total = args.warmup + args.steps
@@ -223,22 +116,13 @@ def main() -> None:
         f"steps per side"
     )
 
-    times: dict[str, list[float]] = {"kiln": [], "plain": []}
-    records: dict[str, list[tuple[float, float | None]]] = {"kiln": [], "plain": []}
-
-    def run_kiln(micro: list[Batch], lr: float) -> tuple[float, float | None]:
-        result = kiln.train_step(micro, lr)
-        return result.loss, result.grad_norm
-
-    sides = {"kiln": run_kiln, "plain": plain.train_step}
-    for step in range(total):
-        lr = lr_at(step, cfg.optim, train.steps)
-        order = ("kiln", "plain") if step % 2 == 0 else ("plain", "kiln")
-        for name in order:
-            seconds, record = timed(device, sides[name], batches[step], lr)
-            records[name].append(record)
-            if step >= args.warmup:
-                times[name].append(seconds)
+    times, records = interleave(
+        device,
+        {"kiln": kiln_side(kiln), "plain": plain.train_step},
+        batches,
+        lambda step: lr_at(step, cfg.optim, train.steps),
+        args.warmup,
+    )
 
     losses = Table(title="per-step loss and gradient norm (warm-up steps included)")
     for column in ("step", "kiln loss", "plain loss", "difference", "kiln norm", "plain norm"):
