@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from pretrain.config import load_config
+from tests.conftest import REPO
 
 
 def test_help_lists_the_commands(kiln):
@@ -39,6 +41,31 @@ def test_show_prints_resolved_yaml_and_parameter_count(kiln):
     assert shown["train"]["gradient_accumulation_steps"] == 2
     assert "# parameters: 7.10M (7,096,576)" in result.stdout
     assert "# world size 2 = tensor 2 x pipeline 1 x data 1" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides,stage,words",
+    [
+        (["train.precision=bf16"], 2, "BF16_Optimizer, with an unpartitioned fp32 gradient"),
+        (["train.precision=fp16"], 2, "reduce-scatters them in buckets while backward runs"),
+        (["train.precision=fp32"], 1, "partitions Adam's state"),
+        (["train.precision=bf16", "parallel.pipeline=2"], 1, "supports ZeRO 0 and 1 only"),
+    ],
+)
+def test_an_unset_zero_stage_is_the_recommended_one_and_show_says_why(
+    kiln, tmp_path, overrides, stage, words
+):
+    config = tmp_path / "no_stage.yaml"  # tiny.yaml without its explicit stage 0
+    tiny = yaml.safe_load((REPO / "configs/train/tiny.yaml").read_text())
+    del tiny["parallel"]["zero_stage"]
+    tiny["extends"] = [str(REPO / "configs/model/tiny.yaml")]
+    config.write_text(yaml.safe_dump(tiny))
+    result = kiln("config", "show", str(config), *overrides)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["parallel"]["zero_stage"] == stage
+    line = next(x for x in result.stdout.splitlines() if x.startswith("# ZeRO stage"))
+    assert line.startswith(f"# ZeRO stage {stage} is recommended") and words in line
+    assert "this configuration sets" not in line
 
 
 def test_show_mentions_padded_vocabulary(kiln):

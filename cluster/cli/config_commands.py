@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pretrain.config import KilnConfig, dump_config, load_config
+from pretrain.config.schema import recommended_zero_stage, zero_stage_reason
 from pretrain.model.sizing import count_parameters, human_count, padded_vocab_size
 
 
@@ -55,6 +56,18 @@ def describe_layout(cfg: KilnConfig) -> str:
     )
 
 
+def describe_zero_stage(cfg: KilnConfig) -> str:
+    """The recommended ZeRO stage for this precision and pipeline, and why."""
+    reason = zero_stage_reason(cfg.train.precision, cfg.parallel.pipeline)
+    chosen = cfg.parallel.zero_stage
+    recommended = recommended_zero_stage(cfg.train.precision, cfg.parallel.pipeline)
+    setting = cfg.train.precision + (
+        " with pipeline parallelism" if cfg.parallel.pipeline > 1 else ""
+    )
+    verdict = "" if chosen == recommended else f"; this configuration sets {chosen}"
+    return f"ZeRO stage {recommended} is recommended for {setting}{verdict}: {reason}"
+
+
 def describe_parameters(cfg: KilnConfig) -> str | None:
     if cfg.model is None:
         return None
@@ -71,6 +84,7 @@ def _show(args: argparse.Namespace) -> int:
     cfg = _load(args)
     print(dump_config(cfg), end="")
     print(f"# {describe_layout(cfg)}")
+    print(f"# {describe_zero_stage(cfg)}")
     parameters = describe_parameters(cfg)
     if parameters:
         print(f"# parameters: {parameters}")

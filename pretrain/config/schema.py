@@ -96,12 +96,17 @@ class ParallelConfig(ConfigSection):
     data: PositiveInt | None = Field(
         default=None, description="Data-parallel size; derived from the world size when unset."
     )
-    zero_stage: int = Field(default=1, ge=0, le=3)
+    zero_stage: int | None = Field(
+        default=None,
+        ge=0,
+        le=3,
+        description="DeepSpeed ZeRO stage; unset: the recommended one (`zero_stage_reason`).",
+    )
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"
 
     @model_validator(mode="after")
     def _zero_with_pipeline(self) -> ParallelConfig:
-        if self.pipeline > 1 and self.zero_stage >= 2:
+        if self.zero_stage is not None and self.pipeline > 1 and self.zero_stage >= 2:
             raise rule_violation(
                 "zero_stage",
                 self.zero_stage,
@@ -109,6 +114,36 @@ class ParallelConfig(ConfigSection):
                 f"(parallel.pipeline = {self.pipeline}); use stage 0 or 1",
             )
         return self
+
+
+def recommended_zero_stage(precision: str, pipeline: int) -> int:
+    """bf16/fp16 without pipeline parallelism: 2; otherwise 1 (see `zero_stage_reason`)."""
+    return 2 if precision != "fp32" and pipeline == 1 else 1
+
+
+def zero_stage_reason(precision: str, pipeline: int) -> str:
+    """Why `recommended_zero_stage` recommends its stage, for `kiln config show`."""
+    if pipeline > 1:
+        return (
+            "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; stage 1 partitions the "
+            "optimizer state across data-parallel ranks"
+        )
+    if precision == "fp32":
+        return (
+            "it partitions Adam's state across data-parallel ranks at no extra communication "
+            "(stage 0 keeps it whole on every rank)"
+        )
+    stage_one = (
+        "DeepSpeed's stage 1 in bf16 (with fp32 gradient accumulation) is its BF16_Optimizer, "
+        "with an unpartitioned fp32 gradient buffer and no overlap; "
+        if precision == "bf16"
+        else ""
+    )
+    return (
+        f"{stage_one}stage 2 partitions the fp32 gradients too and reduce-scatters them in "
+        "buckets while backward runs (overlap_comm) into one contiguous buffer "
+        "(contiguous_gradients), for the same traffic as stage 1"
+    )
 
 
 class TrainConfig(ConfigSection):
@@ -261,6 +296,10 @@ class KilnConfig(ConfigSection):
             self._check_model_against_layout()
         self._resolve_data_parallel(world_size)
         self._resolve_batch()
+        if self.parallel.zero_stage is None:
+            self.parallel.zero_stage = recommended_zero_stage(
+                self.train.precision, self.parallel.pipeline
+            )
         if self.train.precision != "fp32" and self.parallel.zero_stage == 0:
             raise rule_violation(
                 "parallel.zero_stage",

@@ -57,6 +57,14 @@ class StepResult:
         return self.skipped and not (self.overflow and not self.at_min_scale)
 
 
+def zero_optimization(stage: int) -> dict:
+    """ZeRO settings; stage 2 reduce-scatters gradient buckets while backward runs, into one
+    contiguous buffer (`zero_stage_reason` says why it is bf16's default)."""
+    if stage == 2:
+        return {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}
+    return {"stage": stage}
+
+
 def deepspeed_config(cfg: KilnConfig, clip_in_deepspeed: bool) -> dict:
     train, parallel = cfg.train, cfg.parallel
     return {
@@ -64,7 +72,7 @@ def deepspeed_config(cfg: KilnConfig, clip_in_deepspeed: bool) -> dict:
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "gradient_clipping": cfg.optim.grad_clip if clip_in_deepspeed else 0.0,
-        "zero_optimization": {"stage": parallel.zero_stage},
+        "zero_optimization": zero_optimization(parallel.zero_stage),
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {
             "enabled": train.precision == "fp16",
