@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -482,3 +483,37 @@ def test_replicated_tensors_are_spread_over_the_replicas_by_bytes():
     load = [sum(s for s, o in zip(sizes, owners, strict=True) if o == r) for r in range(2)]
     assert sorted(load) == [150, 150]
     assert balanced_owners(sizes, 2) == owners  # every replica computes the same answer
+
+
+def test_the_next_steps_batches_are_built_ahead_and_equal_a_build_on_the_spot():
+    import threading
+
+    from pretrain.data.prefetch import BatchPrefetcher
+
+    built: list[tuple[int, str]] = []
+    release = threading.Event()
+
+    def build(position: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        built.append((position, threading.current_thread().name))
+        if position == 16:
+            release.wait(timeout=10)
+        ids = torch.arange(position, position + 8).view(2, 4)
+        return [(ids, ids + 1)]
+
+    prefetch = BatchPrefetcher(build, pin=False)
+    try:
+        first = prefetch.get(0, 8)  # nothing prepared: built here, then 8 is started
+        assert torch.equal(first[0][0], build(0)[0][0])
+        second = prefetch.get(8, 16)  # prepared by the worker while "step 0" ran
+        assert torch.equal(second[0][1], build(8)[0][1])
+        deadline = time.monotonic() + 10
+        while len(built) < 5 and time.monotonic() < deadline:  # the worker picks 16 up
+            time.sleep(0.01)
+        assert [p for p, thread in built if thread.startswith("kiln-batches")] == [8, 16]
+        release.set()
+        jumped = prefetch.get(40, None)  # a resume elsewhere: 16's batches are not used
+        assert torch.equal(jumped[0][0], build(40)[0][0])
+        assert prefetch.pending is None
+    finally:
+        release.set()
+        prefetch.close()

@@ -27,6 +27,7 @@ from pretrain.data import (
     build_validation_samples,
     configured_sources,
 )
+from pretrain.data.prefetch import BatchPrefetcher
 from pretrain.data.sampling import micro_batch, rank_batch_indices
 from pretrain.data.stream import read_manifest
 from pretrain.model.sizing import count_parameters, human_count
@@ -183,6 +184,7 @@ class Trainer:
         layout = Layout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data)
         self.parallel = setup_parallel(layout, device)
         self.data = TrainingData(cfg, self.parallel.coordinates.data)
+        self.prefetch = BatchPrefetcher(self.data.batches, pin=device.type == "cuda")
         self.layout = state_layout(cfg, self.parallel)
         self.checkpoints = CheckpointManager(
             run_dir, cfg.checkpoint.keep, cfg.checkpoint.interval, cfg.checkpoint.async_save
@@ -223,6 +225,7 @@ class Trainer:
         finally:
             stop.uninstall()
             self.checkpoints.close()
+            self.prefetch.close()
             report.close()
 
     def _introduce(self, report: Reporter, state: TrainerState) -> None:
@@ -279,7 +282,9 @@ class Trainer:
             started = time.perf_counter()
             lr = lr_at(state.step, cfg.optim, cfg.train.steps)
             poison = fault_active("nan-loss", state.step + 1)
-            batches = self.data.batches(state.consumed_samples)
+            following = state.consumed_samples + cfg.train.global_batch_size
+            last = state.step + 1 >= cfg.train.steps
+            batches = self.prefetch.get(state.consumed_samples, None if last else following)
             result = self.engine.train_step(batches, lr, poison)
             elapsed = time.perf_counter() - started
             self.last_step_s = elapsed
