@@ -37,6 +37,13 @@ def check_trainable(cfg: KilnConfig) -> None:
             raise ConfigError(
                 f"{key} = {path}: no manifest.json there; run `kiln data prepare` first"
             )
+        if cfg.model.arch == "bert":  # the masked-LM objective needs the mask token
+            from pretrain.data.masking import Masker, MaskingError
+
+            try:
+                Masker.for_tokenizer(Path(path) / "tokenizer.json", cfg.masking, cfg.train.seed)
+            except MaskingError as error:
+                raise ConfigError(str(error)) from None
     cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else None
     for entry in cfg.data.blend or []:
         entry.path = str(Path(entry.path).resolve())

@@ -278,10 +278,21 @@ class TokenizerConfig(ConfigSection):
     )
     special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
     eos_token: str = Field(default="<|endoftext|>", description="Appended after each document.")
+    mask_token: str | None = Field(
+        default=None,
+        description="The masked-LM objective's token (set from masking.token for a bert "
+        "model): a trained tokenizer gets it as a special token, a loaded one must have it.",
+    )
     train_sample_mb: PositiveFloat = Field(
         default=64.0, description="Megabytes of cleaned text to train the tokenizer on."
     )
     min_frequency: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _mask_is_special(self) -> TokenizerConfig:
+        if self.mask_token is not None and self.mask_token not in self.special_tokens:
+            self.special_tokens = [*self.special_tokens, self.mask_token]
+        return self
 
     @model_validator(mode="after")
     def _eos_is_special(self) -> TokenizerConfig:

@@ -57,6 +57,7 @@ from .stages.sample import sample_part, sample_texts
 from .stages.shards import Segment, write_shard
 from .stages.tokenize import tokenize_part
 from .tokenizer import (
+    TokenizerError,
     file_sha256,
     load_tokenizer,
     save_tokenizer,
@@ -321,6 +322,11 @@ class PrepareJob:
             if not target.exists():
                 if cfg.path:
                     tokenizer = load_tokenizer(cfg.path, cfg.eos_token)
+                    if cfg.mask_token and tokenizer.token_to_id(cfg.mask_token) is None:
+                        raise TokenizerError(
+                            f"{cfg.path}: the tokenizer has no {cfg.mask_token} token, which "
+                            "the masked-LM objective (model.arch: bert) needs"
+                        )
                 else:
                     kept_bytes = sum(c["kept_bytes"] for c in clean)
                     share = min(1.0, cfg.train_sample_mb * 1e6 / max(kept_bytes, 1))

@@ -38,9 +38,18 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, data):
+def bert_data(tmp_path_factory) -> Path:
+    """The same corpus with a tokenizer that has the masked-LM objective's <mask> token."""
+    from tests.training_support import write_data_dir
+
+    return write_data_dir(tmp_path_factory.mktemp("bert_data") / "prepared", mask_token="<mask>")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, data, bert_data):
     """`runs(name)`: the run directory of layout `name` of `training_support.LAYOUTS` after
-    its complete 10-step run, trained the first time a test asks for it."""
+    its complete 10-step run, trained the first time a test asks for it (an encoder's on
+    `bert_data`)."""
     from tests.training_support import LAYOUTS, train
 
     root = tmp_path_factory.mktemp("runs")
@@ -49,7 +58,8 @@ def runs(tmp_path_factory, data):
     def run(name: str) -> Path:
         if name not in done:
             nproc, overrides = LAYOUTS[name]
-            result = train(data, root / name, nproc, *overrides)
+            prepared = bert_data if name.startswith("bert") else data
+            result = train(prepared, root / name, nproc, *overrides)
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
             (root / name / "stdout.log").write_text(result.stdout)
             done[name] = root / name

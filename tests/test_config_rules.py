@@ -84,7 +84,7 @@ BAD = [
     (["model.num_layers=true"], "model.num_layers", "True", "valid integer"),
     (["model.num_layers=2.5"], "model.num_layers", "2.5", "valid integer"),
     (["optim.lr=fast"], "optim.lr", "'fast'", "valid number"),
-    (["model.arch=bert"], "model.arch", "'bert'", "'llama' or 'gpt'"),
+    (["model.arch=t5"], "model.arch", "'t5'", "'llama', 'gpt' or 'bert'"),
     (["train.precision=fp8"], "train.precision", "'fp8'", "'fp32', 'bf16' or 'fp16'"),
     (["logging.wandb.mode=on"], "logging.wandb.mode", "'on'", "'offline', 'online' or 'disabled'"),
     (["optim.schedule=step"], "optim.schedule", "'step'", "'cosine', 'linear' or 'constant'"),
@@ -100,6 +100,27 @@ BAD = [
     (["optim.lr=-0.1"], "optim.lr", "-0.1", "greater than 0"),
     (["optim.weight_decay=-1"], "optim.weight_decay", "-1", "greater than or equal to 0"),
     (["train.seed=-1"], "train.seed", "-1", "greater than or equal to 0"),
+    # the masked-LM objective of encoders
+    (["masking.probability=0"], "masking.probability", "0", "greater than 0"),
+    (["masking.probability=1.0"], "masking.probability", "1.0", "less than 1"),
+    (
+        ["masking.mask_fraction=0.9", "masking.random_fraction=0.2"],
+        "masking.random_fraction",
+        "0.2",
+        "plus masking.mask_fraction (0.9) must not exceed 1",
+    ),
+    (
+        ["model.arch=bert", "model.tie_embeddings=false"],
+        "model.tie_embeddings",
+        "False",
+        "masked-LM decoder is its embedding matrix",
+    ),
+    (
+        ["model.arch=bert", "parallel.pipeline=2", "parallel.zero_stage=1"],
+        "parallel.pipeline",
+        "2",
+        "pipeline stages for bert encoders are not built yet",
+    ),
 ]
 
 

@@ -18,7 +18,7 @@ from tests.model_workers import collectives_per_step, tensor_parallel_step
 
 # Not a multiple of 128: padded to 1152 rows on one rank and to 1280 on two.
 VOCAB = 1100
-PADDED = ("embedding.tokens.weight", "output.projection.weight")
+PADDED = ("embedding.tokens.weight", "output.projection.weight", "output.bias")
 BASE = {
     "num_layers": 2,
     "hidden_size": 64,
@@ -31,7 +31,10 @@ VARIANTS = {
     "llama-tied": {**BASE, "arch": "llama", "tie_embeddings": True},
     "gpt-tied": {**BASE, "arch": "gpt"},
     "gpt-gqa-untied": {**BASE, "arch": "gpt", "num_kv_heads": 2, "tie_embeddings": False},
+    "bert": {**BASE, "arch": "bert"},
+    "bert-rotary": {**BASE, "arch": "bert", "positions": "rotary"},
 }
+DECODERS = sorted(name for name in VARIANTS if not name.startswith("bert"))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def test_the_tiny_preset_holds_what_kiln_config_show_prints(single_rank):
     assert held == count_parameters(config) == 7_096_576  # 8192 is already a multiple of 128
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", DECODERS)
 def test_initial_loss_is_near_uniform(single_rank, name):
     model = build(name)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -92,7 +95,33 @@ def test_the_loss_covers_the_real_vocabulary_only(single_rank):
     )
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", ["bert", "bert-rotary"])
+def test_every_encoder_position_sees_every_token(single_rank, name):
+    """Bidirectional attention: changing token j changes the logits at every i, also i < j."""
+    model = build(name)
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
+    changed = ids.clone()
+    changed[0, 12] = (changed[0, 12] + 1) % VOCAB
+    before, after = model(ids), model(changed)
+    for position in range(20):
+        assert not torch.equal(before[0, position], after[0, position]), position
+
+
+def test_the_masked_lm_loss_counts_the_chosen_positions_only(single_rank):
+    from pretrain.model.transformer import IGNORED
+
+    model = build("bert", seed=2)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    targets = torch.full_like(ids, IGNORED)
+    chosen = torch.zeros_like(ids, dtype=torch.bool)
+    chosen[0, 3], chosen[1, 7], chosen[1, 9] = True, True, True
+    targets[chosen] = ids[chosen]
+    logits = model(ids)[..., :VOCAB]
+    expected = torch.nn.functional.cross_entropy(logits[chosen], ids[chosen])
+    assert model(ids, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", DECODERS)
 def test_no_position_sees_the_future(single_rank, name):
     model = build(name)
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
@@ -127,7 +156,7 @@ def test_residual_projections_use_the_scaled_init(single_rank):
     assert block.mlp.gate_up.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt-tied"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt-tied", "bert"])
 def test_tensor_parallel_equals_one_process(tmp_path, name):
     generator = torch.Generator().manual_seed(5)
     ids = torch.randint(0, VOCAB, (2, 24), generator=generator)

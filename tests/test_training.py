@@ -17,6 +17,7 @@ from pretrain.train.dcp_io import read_metadata
 from pretrain.train.weights import CheckpointTensors, consolidated_weights
 from tests.conftest import run_kiln
 from tests.training_support import (
+    BERT,
     LAYOUTS,
     logged_steps,
     losses,
@@ -50,6 +51,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
         ("tp2-compile", "single"),
         ("pp2-compile", "single"),
         ("dp2-zero1-compile", "single"),
+        ("bert-tp2", "bert-single"),
+        ("bert-dp2", "bert-single"),
     ],
 )
 def test_parallel_layout_matches_one_process(runs, name, reference):
@@ -71,11 +74,12 @@ def test_parallel_layout_matches_one_process(runs, name, reference):
         torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("name", ["dp2-zero1", "pp2", "dp2-bf16"])
-def test_sigkill_then_resume_gives_bit_identical_losses(runs, data, tmp_path, name):
+@pytest.mark.parametrize("name", ["dp2-zero1", "pp2", "dp2-bf16", "bert-dp2"])
+def test_sigkill_then_resume_gives_bit_identical_losses(runs, data, bert_data, tmp_path, name):
     nproc, overrides = LAYOUTS[name]
     expected = losses(runs(name))
     run_dir = tmp_path / name
+    data = bert_data if name.startswith("bert") else data  # an encoder's masked-LM data
     # By step 8 step 3's save is complete; step 6's may still be under way in the background.
     code = train_until(data, run_dir, nproc, 8, signal.SIGKILL, *overrides)
     assert code == -signal.SIGKILL
@@ -279,3 +283,10 @@ def test_every_save_records_how_long_it_took_for_the_schedulers(runs):
     assert record["step"] == 10 and record["save_s"] > 0 and record["step_s"] > 0
     assert 0 < record["stall_s"] <= record["save_s"]
     assert "at step 10 a step took" in k8s_grace_period(run_dir).reason
+
+
+def test_an_encoder_on_data_without_a_mask_token_is_refused_before_it_starts(data, tmp_path):
+    result = train(data, tmp_path / "run", 1, *BERT)
+    assert result.returncode == 2
+    assert "has no <mask> token" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "logs").exists()  # no rank was started

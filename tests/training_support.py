@@ -43,6 +43,14 @@ SMALL = [
 ]
 
 
+# A small BERT-style encoder (learned positions, tied masked-LM head) for the encoder tests.
+BERT = [
+    "model.arch=bert",
+    "model.num_kv_heads=4",
+    "model.ffn_hidden_size=256",
+    "masking.probability=0.15",
+]
+
 # The runs the training tests compare, each trained once per test session (`runs` fixture):
 # name -> (processes, overrides on top of SMALL).
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
@@ -76,6 +84,10 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
         ["parallel.pipeline=2", "train.compile=true", "train.activation_checkpointing=full"],
     ),
     "dp2-zero1-compile": (2, ["parallel.zero_stage=1", "train.compile=true"]),
+    # A BERT-style encoder (masked LM) on data whose tokenizer has <mask>.
+    "bert-single": (1, BERT),
+    "bert-tp2": (2, [*BERT, "parallel.tensor=2"]),
+    "bert-dp2": (2, [*BERT, "parallel.zero_stage=1"]),
     # GPT (GPT-2's shape: every head its own K and V): tied embeddings, kept on the first and
     # the last stage; learned positions; biases.
     "gpt-single": (1, ["model.arch=gpt", "model.num_kv_heads=4"]),
@@ -86,10 +98,11 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
 }
 
 
-def write_data_dir(root: Path, documents: int = 400) -> Path:
-    """Real text through a real tokenizer into shards and a manifest, without Ray."""
+def write_data_dir(root: Path, documents: int = 400, mask_token: str | None = None) -> Path:
+    """Real text through a real tokenizer into shards and a manifest, without Ray;
+    `mask_token` trains it in (an encoder's data)."""
     _, _, texts = distinct_documents(seed=11, count=documents, min_words=40, max_words=200)
-    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=VOCAB))
+    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=VOCAB, mask_token=mask_token))
     root.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, root / "tokenizer.json")
     encoder = DocumentEncoder(tokenizer, "<|endoftext|>", max_piece_chars=100_000)

@@ -30,10 +30,11 @@ DEFAULT_VOCAB_SIZE = 32000
 
 
 class ModelConfig(ConfigSection):
-    """A decoder-only transformer. `llama`: RMSNorm, RoPE, SwiGLU, GQA, no biases.
-    `gpt`: LayerNorm, learned positions, GELU, biases."""
+    """A transformer. Decoders: `llama` (RMSNorm, RoPE, SwiGLU, GQA, no biases) and `gpt`
+    (LayerNorm, learned positions, GELU, biases). Encoder: `bert` (pre-LayerNorm as Megatron's
+    BERT, bidirectional attention, GELU, biases, a masked-LM head tied to the embedding)."""
 
-    arch: Literal["llama", "gpt"] = "llama"
+    arch: Literal["llama", "gpt", "bert"] = "llama"
     num_layers: PositiveInt
     hidden_size: PositiveInt
     num_heads: PositiveInt
@@ -43,8 +44,13 @@ class ModelConfig(ConfigSection):
     )
     vocab_size: PositiveInt
     max_seq_length: PositiveInt
+    positions: Literal["learned", "rotary"] | None = Field(
+        default=None, description="Position embedding; defaults: llama rotary, gpt/bert learned."
+    )
     rope_base: PositiveFloat = 10000.0
-    tie_embeddings: bool | None = Field(default=None, description="Defaults: gpt yes, llama no.")
+    tie_embeddings: bool | None = Field(
+        default=None, description="Defaults: gpt and bert yes (bert must), llama no."
+    )
     norm_eps: PositiveFloat = 1e-5
     init_std: PositiveFloat = 0.02
 
@@ -55,7 +61,15 @@ class ModelConfig(ConfigSection):
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = default_ffn_hidden_size(self.arch, self.hidden_size)
         if self.tie_embeddings is None:
-            self.tie_embeddings = self.arch == "gpt"
+            self.tie_embeddings = self.arch != "llama"
+        if self.positions is None:
+            self.positions = "rotary" if self.arch == "llama" else "learned"
+        if self.arch == "bert" and not self.tie_embeddings:
+            raise rule_violation(
+                "tie_embeddings",
+                False,
+                "a bert model's masked-LM decoder is its embedding matrix (as in BERT)",
+            )
         if self.hidden_size % self.num_heads:
             raise rule_violation(
                 "hidden_size",
@@ -68,7 +82,7 @@ class ModelConfig(ConfigSection):
                 self.num_kv_heads,
                 f"must divide model.num_heads ({self.num_heads})",
             )
-        if self.arch == "llama" and (self.hidden_size // self.num_heads) % 2:
+        if self.positions == "rotary" and (self.hidden_size // self.num_heads) % 2:
             raise rule_violation(
                 "hidden_size",
                 self.hidden_size,
@@ -77,13 +91,18 @@ class ModelConfig(ConfigSection):
         return self
 
     @property
+    def causal(self) -> bool:
+        """Decoders attend to earlier tokens only; an encoder to every token."""
+        return self.arch != "bert"
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
 
 def default_ffn_hidden_size(arch: str, hidden_size: int) -> int:
-    """4h for GPT; for Llama, SwiGLU's 2/3 of 4h rounded up to a multiple of 256."""
-    if arch == "gpt":
+    """4h for GPT and BERT; for Llama, SwiGLU's 2/3 of 4h rounded up to a multiple of 256."""
+    if arch != "llama":
         return 4 * hidden_size
     return 256 * math.ceil(int(8 * hidden_size / 3) / 256)
 
@@ -214,6 +233,28 @@ class OptimConfig(ConfigSection):
         return self
 
 
+class MaskingConfig(ConfigSection):
+    """Masked-LM objective of `model.arch: bert` (BERT's recipe): `probability` of the tokens
+    are chosen (never a special token), of which `mask_fraction` become `token`,
+    `random_fraction` a random non-special token and the rest stay; the loss is over the
+    chosen ones. Drawn per (train.seed, sample index): a resume masks the same way."""
+
+    probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+    mask_fraction: float = Field(default=0.8, ge=0.0, le=1.0)
+    random_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    token: str = Field(default="<mask>", description="The mask token; the tokenizer must have it.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> MaskingConfig:
+        if self.mask_fraction + self.random_fraction > 1.0:
+            raise rule_violation(
+                "random_fraction",
+                self.random_fraction,
+                f"plus masking.mask_fraction ({self.mask_fraction}) must not exceed 1",
+            )
+        return self
+
+
 class CheckpointConfig(ConfigSection):
     # `async` is a Python keyword: the field is `async_save`, written `checkpoint.async`.
     model_config = ConfigDict(
@@ -283,6 +324,7 @@ class KilnConfig(ConfigSection):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -323,6 +365,11 @@ class KilnConfig(ConfigSection):
 
     def _check_tokenizer(self) -> None:
         model_vocab = self.model.vocab_size if self.model else None
+        if self.model is not None and self.model.arch == "bert":
+            # the mask token the objective needs: trained in, or required of a loaded tokenizer
+            self.tokenizer.mask_token = self.masking.token
+            if self.masking.token not in self.tokenizer.special_tokens:
+                self.tokenizer.special_tokens = [*self.tokenizer.special_tokens, self.masking.token]
         if self.tokenizer.vocab_size is None:
             self.tokenizer.vocab_size = model_vocab or DEFAULT_VOCAB_SIZE
         elif (
@@ -337,6 +384,13 @@ class KilnConfig(ConfigSection):
 
     def _check_model_against_layout(self) -> None:
         model, par, train = self.model, self.parallel, self.train
+        if model.arch == "bert" and par.pipeline > 1:
+            raise rule_violation(
+                "parallel.pipeline",
+                par.pipeline,
+                "pipeline stages for bert encoders are not built yet: use tensor and data "
+                "parallelism (parallel.pipeline = 1)",
+            )
         assert model is not None
         divisible_by_tensor = {
             "model.num_heads": model.num_heads,

@@ -14,6 +14,11 @@ k = num_kv_heads x head size (the width of K and of V), S = max sequence length:
            whole model: L * per-layer + V*h + S*h (learned positions) + 2h (final norm)
                         + V*h if untied
 
+    bert: as gpt (its embedding always tied), plus the masked-LM head: a dense layer
+          h*h + h, a LayerNorm 2h and a bias per vocabulary row V.
+
+`model.positions` may swap the default positions: learned ones add S*h, rotary ones nothing.
+
 This matches the published sizes: GPT-3 125M/350M/1.3B with V = 50257 and Llama-2 7B/13B
 (6.74 B, 13.0 B) with V = 32000. The model pads V up to a multiple of 128 x tensor-parallel
 size (`padded_vocab_size`); pass the padded size to count the tensors the model really holds.
@@ -36,6 +41,7 @@ class ModelShape(Protocol):
     vocab_size: int
     max_seq_length: int
     tie_embeddings: bool | None
+    positions: str | None
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1) -> int:
@@ -62,8 +68,12 @@ def count_parameters(model: ModelShape, vocab_size: int | None = None) -> int:
         attention = h * (h + 2 * k) + (h + 2 * k) + h * h + h
         mlp = 2 * h * f + f + h
         norms = 4 * h
-        rest = vocab * h + model.max_seq_length * h + 2 * h
+        rest = vocab * h + 2 * h
+    if model.positions == "learned":
+        rest += model.max_seq_length * h
     output_layer = 0 if model.tie_embeddings else vocab * h
+    if model.arch == "bert":
+        output_layer = h * h + h + 2 * h + vocab
     return n_layers * (attention + mlp + norms) + rest + output_layer
 
 

@@ -8,7 +8,10 @@ partial results. Attention heads and MLP features are therefore split T ways, an
 vocabulary too (embedding rows, output logits, cross entropy), padded to a multiple of 128 x T.
 
     llama: RMSNorm, rotary position embedding, SwiGLU MLP, grouped-query attention, no biases
-    gpt:   LayerNorm, learned absolute positions, GELU MLP, biases
+    gpt:   LayerNorm, learned absolute positions, GELU MLP (tanh), biases
+    bert:  as gpt, but attention is bidirectional, GELU exact, and the output is a masked-LM
+           head: dense -> GELU -> LayerNorm -> the embedding matrix, plus a vocabulary bias
+           (pre-LayerNorm blocks, as Megatron-LM's BERT and Hugging Face's MegatronBert)
 
 The projections that read the same input are fused into one column-parallel layer (q, k and v
 into `qkv`; gate and up into `gate_up`): one matrix multiplication, and one tensor-parallel
@@ -94,7 +97,7 @@ def residual_projection(
         config=parallel,
         tp_group=tp_group(),
         init_method=initializer(parallel, residual_std(model)),
-        bias=model.arch == "gpt",
+        bias=model.arch != "llama",
         input_is_parallel=True,
         skip_bias_add=False,
     )
@@ -284,12 +287,14 @@ def attention_core(
     v: torch.Tensor,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Rotary embedding of q and k (when given tables), then causal SDPA: [B, heads, S, d]."""
+    """Rotary embedding of q and k (when given tables), then SDPA, causal for a decoder and
+    over every position for an encoder (packed samples have no padding): [B, heads, S, d]."""
     if cos is not None and sin is not None:
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     return F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+        q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
     )
 
 
@@ -312,8 +317,9 @@ class Attention(nn.Module):
             model.hidden_size,
             model,
             parallel,
-            bias=model.arch == "gpt",
+            bias=model.arch != "llama",
         )
+        self.causal = model.causal
         self.split = (
             self.heads * self.head_dim,
             self.kv_heads * self.head_dim,
@@ -322,7 +328,7 @@ class Attention(nn.Module):
         self.out = residual_projection(model.num_heads * self.head_dim, model, parallel)
         self.rotary = (
             RotaryEmbedding(self.head_dim, model.max_seq_length, model.rope_base)
-            if model.arch == "llama"
+            if model.positions == "rotary"
             else None
         )
         self.recompute_core = parallel.recompute_core
@@ -339,7 +345,8 @@ class Attention(nn.Module):
         cos = sin = None
         if self.rotary is not None:
             cos, sin = self.rotary.tables(seq, x.device, x.dtype)
-        y = maybe_recomputed(self.recompute_core and self.training, self.core, q, k, v, cos, sin)
+        recompute = self.recompute_core and self.training
+        y = maybe_recomputed(recompute, self.core, q, k, v, cos, sin, self.causal)
         y = y.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
         out, _ = self.out(y)
         return out
@@ -369,7 +376,8 @@ class MLP(nn.Module):
             )
         self.down = residual_projection(model.ffn_hidden_size, model, parallel)
         self.recompute_core = parallel.recompute_core
-        self.activation = kernel(swiglu_of_fused if model.arch == "llama" else gelu, parallel)
+        activation = {"llama": swiglu_of_fused, "gpt": gelu, "bert": gelu_exact}[model.arch]
+        self.activation = kernel(activation, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recompute = self.recompute_core and self.training
@@ -389,6 +397,10 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def gelu_exact(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
@@ -405,13 +417,13 @@ class Block(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embedding, vocabulary rows split across TP ranks; plus learned positions (gpt).
+    """Token embedding, vocabulary rows split across TP ranks; plus learned positions.
     With tied embeddings the same vocabulary-parallel matrix also gives the logits."""
 
     def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
         self.positions = None
-        if model.arch == "gpt":  # drawn first: the token rows drawn next depend on T's padding
+        if model.positions == "learned":  # drawn first: the token rows next depend on T's padding
             self.positions = nn.Embedding(model.max_seq_length, model.hidden_size)
             initializer(parallel, model.init_std)(self.positions.weight)
         vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
@@ -437,6 +449,28 @@ class Embedding(nn.Module):
         assert self.tied_output is not None, "logits() needs model.tie_embeddings"
         logits, _ = self.tied_output(x, weight=self.tokens.weight)
         return logits
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's output: dense -> GELU -> LayerNorm, then the (tied) embedding matrix and a bias
+    per vocabulary row, split across TP ranks as the logits are. The dense layer and the norm
+    are replicated on every TP rank (their input and gradient are the same on all)."""
+
+    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(model.hidden_size, model.hidden_size)
+        initializer(parallel, model.init_std)(self.dense.weight)
+        nn.init.zeros_(self.dense.bias)
+        self.norm = LayerNorm(model.hidden_size, model.norm_eps, parallel.compile_kernels)
+        tensor = parallel.tensor_model_parallel_size
+        rows = padded_vocab_size(model.vocab_size, tensor) // tensor
+        self.bias = nn.Parameter(torch.zeros(rows, dtype=parallel.params_dtype))
+        tensor_parallel.set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
+        self.transform = kernel(gelu_exact, parallel)
+
+    def forward(self, x: torch.Tensor, embedding: Embedding) -> torch.Tensor:
+        x = self.norm(self.transform(self.dense(x)))
+        return embedding.logits(x) + self.bias
 
 
 def output_layer(
@@ -491,12 +525,15 @@ def attention_backend(
     q = torch.empty(1, heads, seq_length, model.head_dim, dtype=dtype, device=device)
     kv = torch.empty(1, kv_heads, seq_length, model.head_dim, dtype=dtype, device=device)
     try:  # a private helper: the dispatcher's own choice, not a re-implementation of it
-        choice = torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=kv_heads != heads)
+        choice = torch._fused_sdp_choice(
+            q, kv, kv, None, 0.0, model.causal, enable_gqa=kv_heads != heads
+        )
         return SDPBackend(choice).name.lower()
     except (AttributeError, RuntimeError, TypeError, ValueError):
         return "unknown"
 
 
+IGNORED = -1  # a target that takes no part in the loss (masked LM: a position not chosen)
 LOSS_CHUNK_ELEMENTS = 2**26  # fp32 logits one chunk of the loss may hold: 256 MiB
 
 
@@ -506,8 +543,9 @@ def cross_entropy(
     vocab_size: int,
     chunk_elements: int | None = LOSS_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Mean next-token loss over vocabulary-parallel logits [B, S, V/T] of a vocabulary of
-    `vocab_size` real tokens (the rest is padding).
+    """Mean loss over vocabulary-parallel logits [B, S, V/T] of a vocabulary of `vocab_size`
+    real tokens (the rest is padding), over the positions whose target is not IGNORED (a
+    decoder's every next token; an encoder's masked positions).
 
     Of bf16/fp16 logits in training the loss is taken over chunks of at most `chunk_elements`
     logits, each chunk's fp32 softmax recomputed in backward: autograd keeps the logits in
@@ -516,9 +554,10 @@ def cross_entropy(
     megatron-core computes the softmax and its gradient in place in them, which no chunking
     beats. `chunk_elements=None` takes the loss whole in any dtype (the reference the chunked
     loss equals). megatron-core works in place: fp32 `logits` hold garbage afterwards."""
+    count = (targets >= 0).sum().clamp(min=1)  # the positions that count (masked LM: chosen)
     low_precision = logits.dtype != torch.float32
     if chunk_elements is None or not low_precision or not torch.is_grad_enabled():
-        return _loss_sum(logits.float(), targets, vocab_size) / targets.numel()
+        return _loss_sum(logits.float(), targets, vocab_size) / count
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1)
     tokens = max(1, chunk_elements // logits.shape[-1])
@@ -530,7 +569,7 @@ def cross_entropy(
             flat_logits.split(tokens), flat_targets.split(tokens), strict=True
         )
     )
-    return total / targets.numel()
+    return total / count
 
 
 def _chunk_loss_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -538,8 +577,10 @@ def _chunk_loss_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
 
 
 def _loss_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Summed loss over the positions whose target is a token id (>= 0; IGNORED is left out)."""
     logits = mask_vocab_padding(logits, vocab_size)
-    return tensor_parallel.vocab_parallel_cross_entropy(logits, targets).sum()
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits, targets.clamp(min=0))
+    return (losses * (targets >= 0)).sum()
 
 
 @torch.no_grad()
@@ -580,11 +621,11 @@ class Transformer(nn.Module):
             seeded(seed, 1 + i, lambda: Block(model, parallel)) for i in range(layers)
         )
         self.norm = seeded(seed, layers + 1, lambda: make_norm(model, compile))
-        self.output = (
-            None
-            if model.tie_embeddings
-            else seeded(seed, layers + 2, lambda: OutputLayer(model, parallel))
-        )
+        self.output: nn.Module | None = None
+        if model.arch == "bert":
+            self.output = seeded(seed, layers + 2, lambda: MaskedLMHead(model, parallel))
+        elif not model.tie_embeddings:
+            self.output = seeded(seed, layers + 2, lambda: OutputLayer(model, parallel))
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embedding(ids)
@@ -594,5 +635,10 @@ class Transformer(nn.Module):
             else:
                 x = block(x)
         x = self.norm(x)
-        logits = self.embedding.logits(x) if self.output is None else self.output(x)
+        if self.output is None:
+            logits = self.embedding.logits(x)
+        elif isinstance(self.output, MaskedLMHead):
+            logits = self.output(x, self.embedding)
+        else:
+            logits = self.output(x)
         return logits if targets is None else cross_entropy(logits, targets, self.config.vocab_size)

@@ -52,7 +52,7 @@ def matmul_parameters(model: ModelConfig, tensor: int = 1) -> int:
     """Parameters that take part in matrix multiplies (see the module docstring)."""
     vocab = padded_vocab_size(model.vocab_size, tensor)
     lookups = 0 if model.tie_embeddings else vocab * model.hidden_size
-    if model.arch == "gpt":
+    if model.positions == "learned":
         lookups += model.max_seq_length * model.hidden_size
     return count_parameters(model, vocab) - lookups
 

@@ -35,7 +35,7 @@ from pretrain.model.transformer import projection_parts
 from .dcp_io import Region
 from .optimizer_state import MOMENTS, OptimizerState
 
-VOCAB_PADDED = ("embedding.tokens.weight", "output.projection.weight")
+VOCAB_PADDED = ("embedding.tokens.weight", "output.projection.weight", "output.bias")
 MODEL = "model"
 TIED = "embedding.tokens.weight"  # kept on the first and the last stage when tied
 

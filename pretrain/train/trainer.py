@@ -27,6 +27,7 @@ from pretrain.data import (
     build_validation_samples,
     configured_sources,
 )
+from pretrain.data.masking import Masker, MaskingError
 from pretrain.data.prefetch import BatchPrefetcher
 from pretrain.data.sampling import micro_batch, rank_batch_indices
 from pretrain.data.stream import read_manifest
@@ -49,6 +50,17 @@ class RunError(ValueError):
     """A user mistake found only where the ranks run (the data, the device)."""
 
 
+def masked_micro_batch(
+    samples, indices, masker: Masker, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """An encoder's micro-batch: each sample's first S tokens, masked for its index."""
+    pairs = [
+        masker(samples.sample(int(g))[:-1].astype(np.int64, copy=False), int(g), split)
+        for g in indices
+    ]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
 class TrainingData:
     """This data-parallel rank's micro-batches of any step, training or validation."""
 
@@ -66,6 +78,10 @@ class TrainingData:
         self.train = build_train_samples(sources, cfg.train.seq_length, cfg.train.seed)
         self.valid = build_validation_samples(sources, cfg.train.seq_length, cfg.train.seed)
         self.cfg, self.data_rank = cfg, data_rank
+        self.masker = None
+        if cfg.model.arch == "bert":  # the tokenizer is the same for every source (checked)
+            tokenizer_file = Path(sources[0][0]) / "tokenizer.json"
+            self.masker = Masker.for_tokenizer(tokenizer_file, cfg.masking, cfg.train.seed)
 
     def batches(self, first_sample: int, split: str = "train") -> list[Batch]:
         """The global batch of samples [first_sample, first_sample + global batch): this
@@ -84,7 +100,10 @@ class TrainingData:
                 par.data,
                 train.gradient_accumulation_steps,
             )
-            inputs, targets = micro_batch(samples, indices)
+            if self.masker is None:
+                inputs, targets = micro_batch(samples, indices)
+            else:
+                inputs, targets = masked_micro_batch(samples, indices, self.masker, split)
             out.append((torch.from_numpy(inputs), torch.from_numpy(targets)))
         return out
 
@@ -456,7 +475,7 @@ def train(run_dir: Path) -> int:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     try:
         trainer = Trainer(cfg, run_dir)
-    except (DataDirError, RunError, CheckpointError) as error:
+    except (DataDirError, MaskingError, RunError, CheckpointError) as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"kiln train: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
