@@ -4,8 +4,16 @@ The checkpoint's model runs in one process (on a GPU when there is one) over the
 split of the run's data, or of another prepared directory with the same tokenizer. By default
 it reads what the training loop's evaluation reads, the first `eval.batches` global batches of
 `train.seq_length` tokens, so the two report the same loss; `--batches N` reads more or fewer
-and `--all` every validation sequence once. The loss is the mean next-token cross entropy
-over those tokens; perplexity is its exponential.
+and `--all` every validation sequence once. A decoder's loss is the mean next-token cross
+entropy over those tokens; perplexity is its exponential.
+
+An encoder (`model.arch: bert`) reads the same sequences masked as the training loop masks
+its validation batches (`Masker`, split "valid", the run's seed and masking section), and
+reports the masked-token loss over the chosen positions, averaged over micro-batches of
+`train.micro_batch_size` sequences as the training loop averages it (so that it equals the
+logged `val_loss`; `--micro-batch-size` changes only how many sequences run at once), and the
+masked-token accuracy: the share of all chosen positions whose most likely token of the real
+vocabulary is the original one.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from pretrain.data import (
@@ -25,8 +35,13 @@ from pretrain.data import (
     micro_batch,
     read_manifest,
 )
+from pretrain.data.masking import Masker
 from pretrain.inference import load_model
+from pretrain.model.transformer import IGNORED
 from pretrain.train.checkpoint import TrainerState
+from pretrain.train.trainer import masked_micro_batch
+
+ENCODER_ONLY = ("accuracy", "masked_tokens")
 
 
 @dataclass
@@ -38,9 +53,16 @@ class Evaluation:
     tokens: int
     loss: float
     perplexity: float
+    accuracy: float | None = None  # an encoder's masked-token accuracy
+    masked_tokens: int | None = None  # an encoder's chosen positions, which both are over
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Every field; an encoder's fields only for an encoder (a decoder's are unchanged)."""
+        out = asdict(self)
+        if self.accuracy is None:
+            for name in ENCODER_ONLY:
+                del out[name]
+        return out
 
 
 def check_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
@@ -62,14 +84,19 @@ def evaluate(
     micro_batch_size: int | None = None,
     progress: bool | None = None,
 ) -> Evaluation:
-    """The checkpoint's validation loss; `every_sequence` reads each directory's whole
-    validation split once (the loss is then the mean over all their tokens)."""
+    """The checkpoint's validation loss (an encoder's: masked-token loss and accuracy);
+    `every_sequence` reads each directory's whole validation split once (a decoder's loss is
+    then the mean over all their tokens)."""
     loaded = load_model(Path(path))
     cfg = loaded.cfg
     seq_length, seed = cfg.train.seq_length, cfg.train.seed
     sources = [(str(data), 1.0)] if data is not None else configured_sources(cfg.data)
     for directory, _ in sources:
         check_tokenizer(Path(directory), loaded.tokenizer)
+    if not cfg.model.causal:
+        return evaluate_encoder(
+            loaded, sources, batches, every_sequence, micro_batch_size, progress
+        )
     runner = LossRunner(loaded.model, cfg, micro_batch_size, progress)
     if every_sequence:
         parts = []
@@ -90,6 +117,47 @@ def evaluate(
         tokens=count * seq_length,
         loss=mean,
         perplexity=math.exp(min(mean, 50.0)),
+    )
+
+
+def evaluate_encoder(
+    loaded,
+    sources: list[tuple[str, float]],
+    batches: int | None,
+    every_sequence: bool,
+    micro_batch_size: int | None,
+    progress: bool | None,
+) -> Evaluation:
+    """An encoder's masked-token loss and accuracy over the validation sequences, masked as
+    the training loop masks them (the masker of the first source's tokenizer, as there)."""
+    cfg = loaded.cfg
+    seq_length, seed = cfg.train.seq_length, cfg.train.seed
+    masker = Masker.for_tokenizer(Path(sources[0][0]) / "tokenizer.json", cfg.masking, seed)
+    runner = MaskedLMRunner(loaded.model, cfg, micro_batch_size, progress, masker)
+    if every_sequence:
+        parts = []
+        for directory, _ in sources:
+            samples = build_validation_samples([(directory, 1.0)], seq_length, seed)
+            parts.append(runner.scores(samples, len(samples.sources[0])))
+    else:
+        samples = build_validation_samples(sources, seq_length, seed)
+        count = (batches or cfg.eval.batches) * cfg.train.global_batch_size
+        parts = [runner.scores(samples, count)]
+    size = cfg.train.micro_batch_size
+    mean = float(np.mean([loss for part in parts for loss in part.micro_batch_losses(size)]))
+    count = sum(part.sequences for part in parts)
+    chosen = sum(int(part.chosen.sum()) for part in parts)
+    correct = sum(int(part.correct.sum()) for part in parts)
+    return Evaluation(
+        checkpoint=str(loaded.checkpoint),
+        step=TrainerState.read(loaded.checkpoint).step,
+        data=[str(p) for p, _ in sources],
+        sequences=count,
+        tokens=count * seq_length,
+        loss=mean,
+        perplexity=math.exp(min(mean, 50.0)),
+        accuracy=correct / max(chosen, 1),
+        masked_tokens=chosen,
     )
 
 
@@ -120,3 +188,77 @@ class LossRunner:
                 loss = self.model(inputs, targets)
             total += float(loss) * inputs.shape[0]  # each row holds the same number of tokens
         return total / count, count
+
+
+@dataclass
+class MaskedScores:
+    """Per sequence: the summed cross entropy over its chosen positions, how many positions
+    were chosen, and at how many the most likely real token is the original one."""
+
+    loss: np.ndarray
+    chosen: np.ndarray
+    correct: np.ndarray
+
+    @property
+    def sequences(self) -> int:
+        return int(self.loss.shape[0])
+
+    def micro_batch_losses(self, size: int) -> list[float]:
+        """The loss of each micro-batch of `size` consecutive sequences, as the model's loss
+        takes it (the mean over its chosen positions; 0 when none is chosen)."""
+        return [
+            float(self.loss[i : i + size].sum() / max(int(self.chosen[i : i + size].sum()), 1))
+            for i in range(0, self.sequences, size)
+        ]
+
+
+class MaskedLMRunner(LossRunner):
+    """An encoder's masked-token scores over the first N validation samples of a source."""
+
+    def __init__(
+        self, model, cfg, micro_batch_size: int | None, progress: bool | None, masker: Masker
+    ) -> None:
+        super().__init__(model, cfg, micro_batch_size, progress)
+        self.masker = masker
+        self.vocab = cfg.model.vocab_size
+
+    @torch.no_grad()
+    def scores(self, samples, count: int) -> MaskedScores:
+        from tqdm import tqdm
+
+        if count < 1:
+            raise DataDirError("no validation sequence to evaluate")
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        starts = range(0, count, self.size)
+        for start in tqdm(starts, desc="eval", unit="batch", disable=not self.show):
+            indices = range(start, min(start + self.size, count))
+            inputs, targets = masked_micro_batch(samples, indices, self.masker, "valid")
+            inputs = torch.from_numpy(inputs).to(self.device)
+            targets = torch.from_numpy(targets).to(self.device)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+                logits = self.model(inputs)
+            parts.append(masked_token_scores(logits, targets, self.vocab))
+        loss, chosen, correct = (np.concatenate(column) for column in zip(*parts, strict=True))
+        return MaskedScores(loss, chosen, correct)
+
+
+def masked_token_scores(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of one-process logits [B, S, V] (V padded) and targets [B, S] (IGNORED where
+    not chosen): the summed fp32 cross entropy over the real vocabulary at its chosen
+    positions, their number, and how many of them the argmax gets right."""
+    chosen = targets != IGNORED
+    rows = chosen.nonzero()[:, 0]
+    picked = logits[chosen][:, :vocab_size].float()
+    truth = targets[chosen]
+    losses = F.cross_entropy(picked, truth, reduction="none")
+    hits = (picked.argmax(dim=-1) == truth).to(torch.int64)
+    batch = targets.shape[0]
+    loss = torch.zeros(batch, device=logits.device).index_add_(0, rows, losses)
+    correct = torch.zeros(batch, dtype=torch.int64, device=logits.device).index_add_(0, rows, hits)
+    return (
+        loss.double().cpu().numpy(),
+        chosen.sum(dim=-1).cpu().numpy(),
+        correct.cpu().numpy(),
+    )

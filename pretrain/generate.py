@@ -1,19 +1,27 @@
 """Text from a trained checkpoint, on one process: `kiln generate RUN_DIR_OR_CHECKPOINT`.
 
-The checkpoint's layout-independent weights are loaded into a one-rank `Transformer`; each
-new token is drawn from the last position's logits over the real vocabulary (the padding rows
-never win), and generation stops at the tokenizer's end-of-text token.
+The checkpoint's layout-independent weights are loaded into a one-rank `Transformer`. A
+decoder's new tokens are drawn one by one from the last position's logits over the real
+vocabulary (the padding rows never win), and generation stops at the tokenizer's end-of-text
+token. An encoder (`model.arch: bert`) fills the prompt's mask tokens instead (`masking.token`,
+`<mask>`): one forward pass over the whole prompt gives each mask its most likely tokens of the
+real vocabulary, with their probabilities, and the prompt is shown with each mask replaced by
+its best candidate (each mask predicted on its own, the others masked, as in BERT).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
-from pretrain.inference import load_model
+from pretrain.inference import LoadedModel, load_model
 from pretrain.model.transformer import Transformer
 from pretrain.sampling import check_sampling_args, sample_next
+
+MASK_CANDIDATES = 5  # an encoder's candidates per mask, unless --top-k says otherwise
 
 
 class GenerationError(ValueError):
@@ -54,14 +62,99 @@ def generate_text(
     top_p: float | None = None,
     seed: int = 0,
 ) -> str:
-    """The prompt followed by up to `max_new_tokens` generated tokens, decoded."""
+    """The prompt followed by up to `max_new_tokens` generated tokens, decoded. An encoder's
+    answer instead: the `top_k` (default 5) candidates of each mask and the filled prompt
+    (`MaskFilling.render`); the sampling arguments are a decoder's."""
     if max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens = {max_new_tokens}: must be at least 1")
     check_sampling_args(temperature, top_k, top_p)
     loaded = load_model(path)
+    if not loaded.cfg.model.causal:
+        return fill_masks(loaded, prompt, top_k or MASK_CANDIDATES).render()
     model, tokenizer, eos = loaded.model, loaded.tokenizer, loaded.eos_id
     prompt_ids = tokenizer.encode(prompt).ids
     if not prompt_ids:
         raise GenerationError("--prompt is empty after tokenisation")
     new = generate_ids(model, prompt_ids, max_new_tokens, eos, temperature, top_k, top_p, seed)
     return prompt + tokenizer.decode(new, skip_special_tokens=False)
+
+
+@dataclass
+class MaskFilling:
+    """An encoder's answer to a prompt with mask tokens: per mask, its most likely tokens
+    (decoded text, probability), best first, and the prompt's text around the masks."""
+
+    mask_token: str
+    texts: list[str]  # one more than there are masks: the text before, between and after
+    candidates: list[list[tuple[str, float]]]
+
+    @property
+    def filled(self) -> str:
+        """The prompt with each mask replaced by its most likely token."""
+        parts = [self.texts[0]]
+        for options, text in zip(self.candidates, self.texts[1:], strict=True):
+            parts += [options[0][0], text]
+        return "".join(parts)
+
+    def render(self) -> str:
+        """One line per mask (`<mask> 1: ' name' 0.412 | ...`), then the filled prompt."""
+        lines = [
+            f"{self.mask_token} {number}: "
+            + " | ".join(f"{text!r} {probability:.3f}" for text, probability in options)
+            for number, options in enumerate(self.candidates, 1)
+        ]
+        return "\n".join([*lines, self.filled])
+
+
+def masked_prompt(
+    tokenizer: Tokenizer, prompt: str, mask_token: str
+) -> tuple[list[int], list[str]]:
+    """The prompt's ids, each literal `mask_token` as the mask id whatever the tokenizer's
+    `encode_special_tokens` (the data pipeline sets it for documents, where the text "<mask>"
+    is text), and its text around the masks. The one space before a mask is the masked
+    token's (as RoBERTa's mask strips it): a byte-level BPE writes a word after a space as one
+    token with the space, which is what the mask stands for."""
+    mask_id = tokenizer.token_to_id(mask_token)
+    if mask_id is None:
+        raise GenerationError(f"the run's tokenizer has no {mask_token} token (masking.token)")
+    pieces = prompt.split(mask_token)
+    if len(pieces) == 1:
+        raise GenerationError(
+            f"the prompt has no {mask_token}: an encoder (model.arch: bert) fills {mask_token} "
+            f'tokens rather than continuing text, e.g. --prompt "def {mask_token}(self):"'
+        )
+    tokenizer.encode_special_tokens = False  # other special tokens in the prompt: their ids
+    texts = [p[:-1] if p.endswith(" ") else p for p in pieces[:-1]] + [pieces[-1]]
+    ids: list[int] = []
+    for number, text in enumerate(texts):
+        if number:
+            ids.append(mask_id)
+        if text:
+            ids += tokenizer.encode(text, add_special_tokens=False).ids
+    return ids, texts
+
+
+@torch.no_grad()
+def fill_masks(loaded: LoadedModel, prompt: str, candidates: int = MASK_CANDIDATES) -> MaskFilling:
+    """The `candidates` most likely tokens of the real vocabulary at each mask of the prompt."""
+    model, tokenizer, mask_token = loaded.model, loaded.tokenizer, loaded.cfg.masking.token
+    ids, texts = masked_prompt(tokenizer, prompt, mask_token)
+    window = model.config.max_seq_length
+    if len(ids) > window:
+        raise GenerationError(
+            f"the prompt is {len(ids)} tokens; the model reads at most {window} "
+            "(model.max_seq_length)"
+        )
+    vocab = model.config.vocab_size
+    tokens = torch.tensor([ids], dtype=torch.long)
+    positions = (tokens[0] == tokenizer.token_to_id(mask_token)).nonzero()[:, 0]
+    probabilities = model(tokens)[0, positions, :vocab].float().softmax(dim=-1)
+    best = probabilities.topk(min(candidates, vocab), dim=-1)
+    options = [
+        [
+            (tokenizer.decode([int(token)], skip_special_tokens=False), float(probability))
+            for probability, token in zip(values, indices, strict=True)
+        ]
+        for values, indices in zip(best.values, best.indices, strict=True)
+    ]
+    return MaskFilling(mask_token, texts, options)

@@ -43,7 +43,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     importer.add_argument("overrides", nargs="*", metavar="key=value", default=[])
     importer.set_defaults(handler=_import_hf)
 
-    evaluate = commands.add_parser("eval", help="Validation loss and perplexity of a checkpoint.")
+    evaluate = commands.add_parser(
+        "eval",
+        help="Validation loss and perplexity of a checkpoint (an encoder's: masked-token loss "
+        "and accuracy).",
+    )
     evaluate.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
     evaluate.add_argument(
         "--data", type=Path, default=None, metavar="SHARDS", help="A prepared data directory."
@@ -141,6 +145,14 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         print(json.dumps(result.as_dict()))
+    elif result.accuracy is not None:  # an encoder: over the masked (chosen) positions
+        print(
+            f"kiln eval: step {result.step} of {result.checkpoint}\n"
+            f"masked-token loss {result.loss:.6f} | masked-token accuracy "
+            f"{result.accuracy:.4f} | perplexity {result.perplexity:.3f} | "
+            f"{result.masked_tokens:,} masked tokens of {result.sequences:,} sequences "
+            f"({result.tokens:,} tokens) of {', '.join(result.data)}"
+        )
     else:
         print(
             f"kiln eval: step {result.step} of {result.checkpoint}\n"

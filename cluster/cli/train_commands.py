@@ -1,5 +1,5 @@
 """`kiln train CONFIG [key=value ...] [--nproc N] [--run-dir DIR] [--no-resume]` and
-`kiln generate RUN_DIR_OR_CHECKPOINT --prompt TEXT ...`.
+`kiln generate RUN_DIR_OR_CHECKPOINT --prompt TEXT ...` (an encoder: fill its `<mask>` tokens).
 
 `kiln train` validates the whole configuration and the data before any process starts, writes
 the resolved configuration into the run directory, and starts N local ranks of
@@ -41,12 +41,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.set_defaults(handler=_train)
 
-    generate = commands.add_parser("generate", help="Sample text from a trained checkpoint.")
+    generate = commands.add_parser(
+        "generate",
+        help="Sample text from a trained checkpoint; an encoder fills the prompt's <mask> tokens.",
+    )
     generate.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
     generate.add_argument("--prompt", required=True, metavar="TEXT")
     generate.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     generate.add_argument("--temperature", type=float, default=0.8, metavar="T")
-    generate.add_argument("--top-k", type=int, default=None, metavar="K")
+    generate.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="Sample from the K most likely tokens; an encoder: candidates shown per mask (5).",
+    )
     generate.add_argument("--top-p", type=float, default=None, metavar="P")
     generate.add_argument("--seed", type=int, default=0, metavar="S")
     generate.set_defaults(handler=_generate)
