@@ -1,6 +1,7 @@
 """Models in and out of Kiln, and across layouts: Hugging Face export (logits and greedy tokens
-against `transformers`), import (HF -> Kiln -> HF identical; an imported model training in
-another layout starts from HF's loss), resharding a checkpoint to other layouts (the next
+against `transformers`; a bert encoder's masked-LM logits against `MegatronBertForMaskedLM`),
+import (HF -> Kiln -> HF identical, Llama, GPT-2 and MegatronBert; an imported model training
+in another layout starts from HF's loss), resharding a checkpoint to other layouts (the next
 loss and the updated weights equal the old layout's), and `kiln eval` against the training
 loop's validation loss."""
 
@@ -17,13 +18,20 @@ from safetensors.torch import load_file
 from pretrain.config import ModelConfig
 from pretrain.data import build_validation_samples, micro_batch
 from pretrain.hf.export import parse_size, shard_groups
-from pretrain.hf.mapping import ConversionError, from_hf, hf_config, to_hf
+from pretrain.hf.mapping import (
+    BERT_TOKEN_TYPES,
+    ConversionError,
+    from_hf,
+    hf_config,
+    model_settings,
+    to_hf,
+)
 from pretrain.train.checkpoint import latest_checkpoint
-from pretrain.train.weights import CheckpointTensors
+from pretrain.train.weights import CheckpointTensors, consolidated_weights
 from tests.conftest import run_kiln
 from tests.distributed import run_ranks
 from tests.model_workers import checkpoint_logits
-from tests.training_support import LAYOUTS, VOCAB, losses, records, train
+from tests.training_support import BERT, LAYOUTS, VOCAB, losses, records, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,7 +41,20 @@ SHAPES = {
     "llama-tied": dict(arch="llama", num_kv_heads=4, tie_embeddings=True),
     "gpt": dict(arch="gpt", tie_embeddings=True),
     "gpt-untied": dict(arch="gpt", tie_embeddings=False),
+    "bert": dict(arch="bert"),
 }
+# The tied decoder of a masked-LM head: transformers fills it from the embedding and the bias.
+TIED = {
+    "llama": ["lm_head.weight"],
+    "gpt": ["lm_head.weight"],
+    "bert": ["cls.predictions.decoder.weight", "cls.predictions.decoder.bias"],
+}
+
+
+def hf_class(model: ModelConfig):
+    if model.arch == "bert":
+        return transformers.AutoModelForMaskedLM
+    return transformers.AutoModelForCausalLM
 
 
 def model_config(name: str) -> ModelConfig:
@@ -46,14 +67,18 @@ def test_hf_names_and_layouts_are_an_exact_inverse(name):
     """HF -> Kiln -> HF gives the same tensors, for exactly the keys and shapes of the
     `transformers` model built from the exported configuration."""
     model = model_config(name)
-    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config(model, 0, torch.float32))
+    hf_model = hf_class(model).from_config(hf_config(model, 0, torch.float32))
     shapes = {k: v.shape for k, v in hf_model.state_dict().items()}
     if model.tie_embeddings:
-        shapes.pop("lm_head.weight")  # tied: transformers fills it from the embedding
+        for key in TIED[model.arch]:
+            shapes.pop(key)  # tied: transformers fills it from the embedding
     generator = torch.Generator().manual_seed(0)
     theirs = {k: torch.randn(shape, generator=generator) for k, shape in shapes.items()}
+    if model.arch == "bert":
+        theirs[BERT_TOKEN_TYPES] = torch.zeros(shapes[BERT_TOKEN_TYPES])  # one all-zero type
     ours = from_hf(model, theirs)
-    assert len(ours) == len(theirs) + (4 * model.num_layers if model.arch == "gpt" else 0)
+    extra = {"gpt": 4 * model.num_layers, "llama": 0, "bert": -1}[model.arch]  # c_attn; types
+    assert len(ours) == len(theirs) + extra
     back = to_hf(model, ours)
     assert back.keys() == theirs.keys()
     for key, tensor in theirs.items():
@@ -64,6 +89,31 @@ def test_gpt_with_grouped_query_attention_has_no_gpt2_form():
     model = ModelConfig(**{**model_config("gpt").model_dump(), "num_kv_heads": 2})
     with pytest.raises(ConversionError, match="GPT-2 has no grouped-query attention"):
         to_hf(model, {})
+
+
+def test_what_megatron_bert_cannot_hold_is_refused():
+    bert = model_config("bert").model_dump()
+    with pytest.raises(ConversionError, match="MegatronBert has learned absolute position"):
+        to_hf(ModelConfig(**{**bert, "positions": "rotary"}), {})
+    with pytest.raises(ConversionError, match="MegatronBert has no grouped-query attention"):
+        hf_config(ModelConfig(**{**bert, "num_kv_heads": 2}), 0, torch.float32)
+    with pytest.raises(ConversionError, match="Llama has rotary position"):
+        to_hf(ModelConfig(**{**model_config("llama").model_dump(), "positions": "learned"}), {})
+
+    config = hf_config(ModelConfig(**bert), 0, torch.float32)
+    assert model_settings(config)["arch"] == "bert"
+    for key, value, reason in [
+        ("hidden_act", "gelu_new", "exact GELU"),
+        ("is_decoder", True, "is an encoder"),
+        ("tie_word_embeddings", False, "decodes with its embedding matrix"),
+        ("position_embedding_type", "relative_key", "learned absolute positions"),
+    ]:
+        changed = transformers.MegatronBertConfig(**{**config.to_dict(), key: value})
+        with pytest.raises(ConversionError, match=f"{key} = {value}: .*{reason}"):
+            model_settings(changed)
+    used = {BERT_TOKEN_TYPES: torch.ones(2, 32)}  # token types a model uses: not Kiln's
+    with pytest.raises(ConversionError, match="token_type_embeddings.weight is not all zeros"):
+        from_hf(ModelConfig(**bert), used)
 
 
 def test_shard_sizes():
@@ -130,6 +180,44 @@ def test_exported_model_gives_kilns_logits_and_greedy_tokens(
     assert tokenizer.decode(generated[0]) == greedy_kiln(run_dir, prompt, 12)
 
 
+def test_exported_bert_gives_kilns_masked_lm_logits(bert_data, tmp_path):
+    """A bert run (vocabulary 520: its head's bias padded in the model, not in checkpoints) as
+    `MegatronBertForMaskedLM`: Kiln's logits, and a tokenizer that knows the mask token."""
+    run_dir, out = tmp_path / "run", tmp_path / "hf"
+    steps = ["train.steps=1", "optim.warmup_steps=1", "eval.interval=0", "checkpoint.interval=0"]
+    result = train(bert_data, run_dir, 1, *BERT, "model.vocab_size=520", *steps)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert consolidated_weights(checkpoint)["embedding.head.bias"].shape == (520,)
+    export(run_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MegatronBertForMaskedLM"]
+    assert (config["vocab_size"], config["type_vocab_size"], config["hidden_act"]) == (
+        520, 1, "gelu"
+    )  # fmt: skip
+    assert not (out / "generation_config.json").exists()
+
+    model = transformers.AutoModelForMaskedLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    from tokenizers import Tokenizer
+
+    ours = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    assert tokenizer.mask_token == "<mask>"
+    assert tokenizer.mask_token_id == ours.token_to_id("<mask>")
+    assert tokenizer.pad_token_id == config["pad_token_id"] == ours.token_to_id("<|pad|>")
+    text = "the history of the city begins with a <mask> settlement near the river"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == ours.encode(text).ids and tokenizer.mask_token_id in ids
+    batch = torch.tensor([ids[:64]])
+    kiln_logits = run_ranks(checkpoint_logits, 1, tmp_path, str(run_dir), batch)
+    with torch.no_grad():
+        hf_logits = model(batch).logits
+    assert hf_logits.shape == kiln_logits.shape == (1, batch.shape[1], 520)
+    # 1e-4 is the promise; this young model's logits are small enough that tanh GELU in place
+    # of the exact one would be only 4e-5 off, so the test holds them to 1e-5 (they are 2e-7)
+    torch.testing.assert_close(hf_logits, kiln_logits, rtol=0, atol=1e-5)
+
+
 def test_export_refuses_what_it_cannot_do(runs, tmp_path):
     result = run_kiln("export", str(tmp_path), "--to", "hf", str(tmp_path / "out"))
     assert result.returncode == 2 and "no checkpoint there" in result.stderr
@@ -153,18 +241,28 @@ def hugging_face_model(kind: str, data: Path, out: Path) -> Path:
             rope_theta=50000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
         )  # fmt: skip
         model = transformers.LlamaForCausalLM(config)
+    elif kind == "bert":
+        config = transformers.MegatronBertConfig(
+            hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=VOCAB, max_position_embeddings=128, type_vocab_size=1,
+            layer_norm_eps=1e-6,
+        )  # fmt: skip
+        model = transformers.MegatronBertForMaskedLM(config)
     else:
         config = transformers.GPT2Config(
             n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128
         )
         model = transformers.GPT2LMHeadModel(config)
-    with torch.no_grad():  # norms away from their initial ones, so a mix-up would show
+    with torch.no_grad():  # norms and biases away from their initial ones: a mix-up would show
         for name, parameter in model.named_parameters():
-            if "norm" in name or ".ln" in name:
+            if "token_type" in name:
+                parameter.zero_()  # Kiln has no token types: the one type adds nothing
+            elif "norm" in name.lower() or ".ln" in name or name.endswith("bias"):
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     model.save_pretrained(out)
+    mask = {"mask_token": "<mask>"} if kind == "bert" else {}
     transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(data / "tokenizer.json"), eos_token="<|endoftext|>"
+        tokenizer_file=str(data / "tokenizer.json"), eos_token="<|endoftext|>", **mask
     ).save_pretrained(out)
     return out
 
@@ -191,8 +289,9 @@ def import_hf(source: Path, data: Path, run_dir: Path) -> None:
     assert "tokenizer: the data's is the model's" in result.stdout
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_hugging_face_to_kiln_to_hugging_face_is_identical(data, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_hugging_face_to_kiln_to_hugging_face_is_identical(request, tmp_path, kind):
+    data = request.getfixturevalue("bert_data" if kind == "bert" else "data")  # with <mask>
     source = hugging_face_model(kind, data, tmp_path / "source")
     import_hf(source, data, tmp_path / "run")
     export(tmp_path / "run", tmp_path / "back", "--dtype", "float32")
@@ -201,6 +300,13 @@ def test_hugging_face_to_kiln_to_hugging_face_is_identical(data, tmp_path, kind)
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+    if kind == "bert":  # a renaming that is its own inverse could still be the wrong one
+        model = transformers.AutoModelForMaskedLM.from_pretrained(source, dtype=torch.float32)
+        batch = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+        kiln_logits = run_ranks(checkpoint_logits, 1, tmp_path, str(tmp_path / "run"), batch)
+        with torch.no_grad():
+            hf_logits = model.eval()(batch).logits
+        torch.testing.assert_close(hf_logits, kiln_logits, rtol=0, atol=1e-4)
 
 
 def test_an_imported_model_trains_in_another_layout_from_its_own_loss(data, tmp_path):

@@ -3,16 +3,19 @@
 From the checkpoint's layout-independent weights (any TP/PP/DP/ZeRO layout wrote them; the fp32
 master weights where the run trained in bf16/fp16) the folder gets
 
-    config.json                 LlamaForCausalLM (arch llama) or GPT2LMHeadModel (arch gpt)
-    generation_config.json      the end-of-text token as BOS and EOS
+    config.json                 LlamaForCausalLM (arch llama), GPT2LMHeadModel (arch gpt) or
+                                MegatronBertForMaskedLM (arch bert)
+    generation_config.json      the end-of-text token as BOS and EOS (decoders only)
     model.safetensors           or model-0000N-of-0000M.safetensors + model.safetensors.index.json
                                 when larger than --max-shard-size
     tokenizer.json, tokenizer_config.json
                                 the run's tokenizer (`PreTrainedTokenizerFast`), with the
-                                end-of-text token as BOS and EOS
+                                end-of-text token as BOS and EOS (a decoder) or as EOS, the
+                                masking token as MASK and <|pad|> as PAD (bert)
 
-which `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
-load offline. The folder is written beside OUT_DIR and renamed into place when complete.
+which `transformers.AutoModelForCausalLM.from_pretrained` (bert: `AutoModelForMaskedLM`) and
+`AutoTokenizer.from_pretrained` load offline. The folder is written beside OUT_DIR and renamed
+into place when complete.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pretrain.train.weights import CheckpointError
 
 from .mapping import hf_config, to_hf
 
+PAD_TOKEN = "<|pad|>"  # a data tokenizer's default padding token (tokenizer.special_tokens)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAINING_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SIZE_UNITS = {
@@ -94,15 +98,20 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -
     return files
 
 
-def write_tokenizer(tokenizer_file: Path, eos_token: str, max_length: int, out: Path) -> None:
+def write_tokenizer(
+    tokenizer_file: Path, eos_token: str, max_length: int, out: Path, encoder: dict | None = None
+) -> None:
+    """A decoder's tokenizer has the end-of-text token as BOS and EOS; an encoder's
+    (`encoder`: its mask_token and pad_token) none as BOS."""
     from transformers import PreTrainedTokenizerFast
 
+    special = {"bos_token": eos_token} if encoder is None else encoder
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer_file),
         eos_token=eos_token,
-        bos_token=eos_token,
         model_max_length=max_length,
         clean_up_tokenization_spaces=False,
+        **special,
     )
     tokenizer.save_pretrained(str(out))
 
@@ -135,8 +144,17 @@ def export_hf(
         raise CheckpointError(f"{checkpoint}: no tokenizer.json beside the weights")
     from tokenizers import Tokenizer
 
-    eos_id = Tokenizer.from_file(str(tokenizer_file)).token_to_id(cfg.tokenizer.eos_token)
-    config = hf_config(model, eos_id, torch_dtype)  # refuses unexportable models first
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
+    encoder = pad_id = None
+    if model.arch == "bert":
+        if tokenizer.token_to_id(cfg.masking.token) is None:
+            raise CheckpointError(f"{tokenizer_file}: no masking token {cfg.masking.token}")
+        encoder = {"mask_token": cfg.masking.token}
+        pad_id = tokenizer.token_to_id(PAD_TOKEN)
+        if pad_id is not None:
+            encoder["pad_token"] = PAD_TOKEN
+    config = hf_config(model, eos_id, torch_dtype, pad_id)  # refuses unexportable models first
     weights = checkpoint_weights(checkpoint)
     tensors = {
         name: tensor.to(torch_dtype).contiguous() for name, tensor in to_hf(model, weights).items()
@@ -146,9 +164,10 @@ def export_hf(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     config.save_pretrained(str(staging))
-    GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(str(staging))
+    if model.causal:  # a masked LM does not generate
+        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(str(staging))
     files = write_weights(tensors, staging, max_bytes)
-    write_tokenizer(tokenizer_file, cfg.tokenizer.eos_token, model.max_seq_length, staging)
+    write_tokenizer(tokenizer_file, cfg.tokenizer.eos_token, model.max_seq_length, staging, encoder)
     for file in staging.iterdir():
         file.chmod(0o644)  # safetensors writes 0600; a model folder is meant to be shared
     if out.exists():

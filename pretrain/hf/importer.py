@@ -1,5 +1,5 @@
 """`kiln import-hf HF_DIR --config CONFIG --run-dir DIR`: continue pretraining a Hugging Face
-Llama or GPT-2 model with Kiln.
+Llama, GPT-2 or MegatronBert (masked LM, as `model.arch: bert`) model with Kiln.
 
 The model section of the run comes from the Hugging Face `config.json` (everything else from
 CONFIG and its overrides), and the weights become the run's step-0 checkpoint in Kiln's
@@ -27,7 +27,14 @@ from pretrain.train.weights import DESCRIPTION, FORMAT
 
 from .mapping import ConversionError, from_hf, model_settings
 
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+# Buffers older `transformers` saved (GPT-2's causal mask, Llama's rotary frequencies, BERT's
+# position ids); MegatronBert's tied decoder (`cls.predictions.decoder.*`) is never read either.
+IGNORED_SUFFIXES = (
+    ".attn.bias",
+    ".attn.masked_bias",
+    "rotary_emb.inv_freq",
+    "embeddings.position_ids",
+)
 
 
 def read_hf_config(folder: Path):

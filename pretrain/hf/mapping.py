@@ -1,4 +1,5 @@
-"""Kiln's weights and model settings <-> Hugging Face's `LlamaForCausalLM` and `GPT2LMHeadModel`.
+"""Kiln's weights and model settings <-> Hugging Face's `LlamaForCausalLM`, `GPT2LMHeadModel`
+and `MegatronBertForMaskedLM`.
 
 Kiln keeps every projection separate (q, k, v; gate, up) and stores linear weights as
 [out, in], as `torch.nn.Linear` does, under the canonical names of `pretrain.model.transformer`.
@@ -7,6 +8,11 @@ Kiln keeps every projection separate (q, k, v; gate, up) and stores linear weigh
              Hugging Face's rotate-half convention, so no q/k permutation is needed.
     gpt   -> GPT2LMHeadModel:  q, k and v concatenated into `c_attn`, and every linear weight
              transposed, because GPT-2's `Conv1D` stores [in, out].
+    bert  -> MegatronBertForMaskedLM: a one-to-one renaming. Kiln's bert is a pre-LayerNorm
+             encoder, which is Megatron-LM's BERT and so Hugging Face's MegatronBert (not
+             `BertForMaskedLM`, whose LayerNorms come after each residual sum). Kiln has no
+             token types: the export carries one all-zero token-type row (what Hugging Face adds
+             for token_type_ids = 0), and an import takes only an all-zero table.
 
 Conversions in both directions only rename, concatenate, split and transpose: a model taken
 from Hugging Face and written back gives identical tensors.
@@ -70,11 +76,71 @@ GPT2_GLOBAL = {
 }
 
 
+# Kiln name (in a block) -> MegatronBert name (in `bert.encoder.layer.{i}.`); both [out, in].
+BERT_LAYER = {
+    "attention_norm.weight": "attention.ln.weight",
+    "attention_norm.bias": "attention.ln.bias",
+    "attention.q.weight": "attention.self.query.weight",
+    "attention.q.bias": "attention.self.query.bias",
+    "attention.k.weight": "attention.self.key.weight",
+    "attention.k.bias": "attention.self.key.bias",
+    "attention.v.weight": "attention.self.value.weight",
+    "attention.v.bias": "attention.self.value.bias",
+    "attention.out.weight": "attention.output.dense.weight",
+    "attention.out.bias": "attention.output.dense.bias",
+    "mlp_norm.weight": "ln.weight",
+    "mlp_norm.bias": "ln.bias",
+    "mlp.fc.weight": "intermediate.dense.weight",
+    "mlp.fc.bias": "intermediate.dense.bias",
+    "mlp.down.weight": "output.dense.weight",
+    "mlp.down.bias": "output.dense.bias",
+}
+# Kiln's masked-LM head sits in the embedding module (`Embedding.head`); its decoder is the
+# word embedding (tied), so it has no name of its own on either side.
+BERT_HEAD = "embedding.head."
+BERT_GLOBAL = {
+    "embedding.tokens.weight": "bert.embeddings.word_embeddings.weight",
+    "embedding.positions.weight": "bert.embeddings.position_embeddings.weight",
+    "norm.weight": "bert.encoder.ln.weight",
+    "norm.bias": "bert.encoder.ln.bias",
+    BERT_HEAD + "dense.weight": "cls.predictions.transform.dense.weight",
+    BERT_HEAD + "dense.bias": "cls.predictions.transform.dense.bias",
+    BERT_HEAD + "norm.weight": "cls.predictions.transform.LayerNorm.weight",
+    BERT_HEAD + "norm.bias": "cls.predictions.transform.LayerNorm.bias",
+    BERT_HEAD + "bias": "cls.predictions.bias",  # one per vocabulary row, after the decoder
+}
+BERT_TOKEN_TYPES = "bert.embeddings.token_type_embeddings.weight"
+
+
+def bert_names(model: ModelConfig) -> dict[str, str]:
+    """Kiln canonical name -> Hugging Face MegatronBert name."""
+    names = dict(BERT_GLOBAL)
+    for layer in range(model.num_layers):
+        for ours, theirs in BERT_LAYER.items():
+            names[f"blocks.{layer}.{ours}"] = f"bert.encoder.layer.{layer}.{theirs}"
+    return names
+
+
+# What each architecture is on the Hugging Face side: its name there and its positions.
+HF_FORMS = {
+    "llama": ("Llama", "rotary"),
+    "gpt": ("GPT-2", "learned"),
+    "bert": ("MegatronBert", "learned"),
+}
+
+
 def check_exportable(model: ModelConfig) -> None:
-    if model.arch == "gpt" and model.num_kv_heads != model.num_heads:
+    name, positions = HF_FORMS[model.arch]
+    if model.positions != positions:
+        kind = "rotary" if positions == "rotary" else "learned absolute"
         raise ConversionError(
-            f"model.num_kv_heads = {model.num_kv_heads}: GPT-2 has no grouped-query attention "
-            f"(num_heads = {model.num_heads}), so this model has no Hugging Face GPT-2 form"
+            f"model.positions = {model.positions}: Hugging Face's {name} has {kind} position "
+            f"embeddings only, so this {model.arch} model has no Hugging Face form"
+        )
+    if model.arch != "llama" and model.num_kv_heads != model.num_heads:
+        raise ConversionError(
+            f"model.num_kv_heads = {model.num_kv_heads}: {name} has no grouped-query attention "
+            f"(num_heads = {model.num_heads}), so this model has no Hugging Face {name} form"
         )
 
 
@@ -83,6 +149,11 @@ def to_hf(model: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, tor
     check_exportable(model)
     if model.arch == "llama":
         return {theirs: weights[ours] for ours, theirs in llama_names(model).items()}
+    if model.arch == "bert":
+        out = {theirs: weights[ours] for ours, theirs in bert_names(model).items()}
+        tokens = weights["embedding.tokens.weight"]
+        out[BERT_TOKEN_TYPES] = tokens.new_zeros(1, tokens.shape[1])  # type 0 adds nothing
+        return out
     out = {theirs: weights[ours] for ours, theirs in GPT2_GLOBAL.items()}
     if not model.tie_embeddings:
         out["lm_head.weight"] = weights["output.projection.weight"]
@@ -109,6 +180,13 @@ def from_hf(model: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, t
 
     if model.arch == "llama":
         return {ours: take(theirs) for ours, theirs in llama_names(model).items()}
+    if model.arch == "bert":
+        if torch.count_nonzero(take(BERT_TOKEN_TYPES)):
+            raise ConversionError(
+                f"{BERT_TOKEN_TYPES} is not all zeros: Kiln's bert has no token types, so "
+                "this model's outputs cannot be kept"
+            )
+        return {ours: take(theirs) for ours, theirs in bert_names(model).items()}
     out = {ours: take(theirs) for ours, theirs in GPT2_GLOBAL.items()}
     if not model.tie_embeddings:
         out["output.projection.weight"] = take("lm_head.weight")
@@ -126,12 +204,37 @@ def from_hf(model: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, t
 
 
 # -- settings --------------------------------------------------------------------------------
-def hf_config(model: ModelConfig, eos_id: int | None, dtype: torch.dtype):
-    """The `transformers` configuration of the exported model."""
-    from transformers import GPT2Config, LlamaConfig
+def hf_config(
+    model: ModelConfig, eos_id: int | None, dtype: torch.dtype, pad_id: int | None = None
+):
+    """The `transformers` configuration of the exported model (`pad_id`: bert's padding)."""
+    from transformers import GPT2Config, LlamaConfig, MegatronBertConfig
 
     check_exportable(model)
     dtype_name = str(dtype).removeprefix("torch.")
+    if model.arch == "bert":
+        config = MegatronBertConfig(
+            vocab_size=model.vocab_size,
+            hidden_size=model.hidden_size,
+            num_hidden_layers=model.num_layers,
+            num_attention_heads=model.num_heads,
+            intermediate_size=model.ffn_hidden_size,
+            hidden_act="gelu",  # exact (erf) GELU, as Kiln's bert
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            max_position_embeddings=model.max_seq_length,
+            type_vocab_size=1,
+            initializer_range=model.init_std,
+            layer_norm_eps=model.norm_eps,
+            pad_token_id=pad_id,
+            bos_token_id=None,
+            eos_token_id=eos_id,
+            tie_word_embeddings=True,
+            is_decoder=False,
+            dtype=dtype_name,
+        )
+        config.architectures = ["MegatronBertForMaskedLM"]
+        return config
     common = dict(
         vocab_size=model.vocab_size,
         tie_word_embeddings=bool(model.tie_embeddings),
@@ -234,6 +337,35 @@ def model_settings(config) -> dict:
             "norm_eps": float(config.layer_norm_epsilon),
             "init_std": float(config.initializer_range),
         }
+    if config.model_type == "megatron-bert":
+        position = getattr(config, "position_embedding_type", None) or "absolute"
+        if position != "absolute":
+            raise refuse(
+                "position_embedding_type", position, "Kiln's bert has learned absolute positions"
+            )
+        if config.hidden_act != "gelu":
+            raise refuse("hidden_act", config.hidden_act, "Kiln's bert uses exact GELU (gelu)")
+        if not getattr(config, "tie_word_embeddings", True):
+            raise refuse(
+                "tie_word_embeddings", False, "Kiln's bert decodes with its embedding matrix"
+            )
+        if config.is_decoder:
+            raise refuse("is_decoder", True, "Kiln's bert is an encoder (bidirectional attention)")
+        return {
+            "arch": "bert",
+            "num_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "num_heads": config.num_attention_heads,
+            "num_kv_heads": config.num_attention_heads,
+            "ffn_hidden_size": config.intermediate_size,
+            "vocab_size": config.vocab_size,
+            "max_seq_length": config.max_position_embeddings,
+            "positions": "learned",
+            "tie_embeddings": True,
+            "norm_eps": float(config.layer_norm_eps),
+            "init_std": float(config.initializer_range),
+        }
     raise ConversionError(
-        f"model_type = {config.model_type}: Kiln imports Llama (llama) and GPT-2 (gpt2) models"
+        f"model_type = {config.model_type}: Kiln imports Llama (llama), GPT-2 (gpt2) and "
+        "MegatronBert (megatron-bert) models"
     )
