@@ -115,12 +115,6 @@ BAD = [
         "False",
         "masked-LM decoder is its embedding matrix",
     ),
-    (
-        ["model.arch=bert", "parallel.pipeline=2", "parallel.zero_stage=1"],
-        "parallel.pipeline",
-        "2",
-        "pipeline stages for bert encoders are not built yet",
-    ),
 ]
 
 

@@ -18,7 +18,7 @@ from tests.model_workers import collectives_per_step, tensor_parallel_step
 
 # Not a multiple of 128: padded to 1152 rows on one rank and to 1280 on two.
 VOCAB = 1100
-PADDED = ("embedding.tokens.weight", "output.projection.weight", "output.bias")
+PADDED = ("embedding.tokens.weight", "output.projection.weight", "embedding.head.bias")
 BASE = {
     "num_layers": 2,
     "hidden_size": 64,

@@ -53,6 +53,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
         ("dp2-zero1-compile", "single"),
         ("bert-tp2", "bert-single"),
         ("bert-dp2", "bert-single"),
+        ("bert-pp2", "bert-single"),
+        ("bert-tp2-pp2", "bert-single"),
     ],
 )
 def test_parallel_layout_matches_one_process(runs, name, reference):

@@ -88,6 +88,8 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "bert-single": (1, BERT),
     "bert-tp2": (2, [*BERT, "parallel.tensor=2"]),
     "bert-dp2": (2, [*BERT, "parallel.zero_stage=1"]),
+    "bert-pp2": (2, [*BERT, "parallel.pipeline=2"]),
+    "bert-tp2-pp2": (4, [*BERT, "parallel.tensor=2", "parallel.pipeline=2"]),
     # GPT (GPT-2's shape: every head its own K and V): tied embeddings, kept on the first and
     # the last stage; learned positions; biases.
     "gpt-single": (1, ["model.arch=gpt", "model.num_kv_heads=4"]),

@@ -384,13 +384,6 @@ class KilnConfig(ConfigSection):
 
     def _check_model_against_layout(self) -> None:
         model, par, train = self.model, self.parallel, self.train
-        if model.arch == "bert" and par.pipeline > 1:
-            raise rule_violation(
-                "parallel.pipeline",
-                par.pipeline,
-                "pipeline stages for bert encoders are not built yet: use tensor and data "
-                "parallelism (parallel.pipeline = 1)",
-            )
         assert model is not None
         divisible_by_tensor = {
             "model.num_heads": model.num_heads,

@@ -3,7 +3,8 @@
     0        embedding            (tied with the last layer when embeddings are tied)
     1..L     blocks
     L+1      final norm
-    L+2      output layer         (or the embedding's `logits`, sharing its matrix)
+    L+2      output layer         (or the embedding's `logits`, sharing its matrix; an
+                                  encoder's masked-LM head is part of the embedding)
 
 Each stage builds only its own layers, each under the same (seed, index) as in the
 single-stage `Transformer`, so the full weights do not depend on the layout. Stages are
@@ -114,7 +115,7 @@ def build_pipeline(
     mean cross entropy over the real vocabulary). `initialize=False`: weights left undrawn,
     for a resume that loads them next."""
     tensor = topology.get_dim("model")
-    return PipelineModule(
+    module = PipelineModule(
         layers=layer_specs(model, tensor, seed, dtype, initialize, recompute, compile),
         topology=topology,
         loss_fn=loss_fn or partial(vocabulary_loss, vocab_size=model.vocab_size),
@@ -123,6 +124,28 @@ def build_pipeline(
         activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
         checkpointable_layers=["Block"],
     )
+    freeze_unused_tied_copies(module)
+    return module
+
+
+def freeze_unused_tied_copies(module: PipelineModule) -> None:
+    """A tied embedding is built whole on the first and the last stage, but each uses only
+    part of it: the first the positions, the last the masked-LM head (the token matrix both,
+    kept equal by DeepSpeed). The unused copies are frozen: no optimizer state, no gradient,
+    and no checkpoint piece (the stage that trains them writes them)."""
+    if TIED_KEY not in module.tied_modules:
+        return
+    embedding = module.tied_modules[TIED_KEY]
+    first, last = module.stage_id == 0, module.stage_id == module.num_stages - 1
+    if embedding.positions is not None and not first:
+        embedding.positions.requires_grad_(False)
+    if embedding.head is not None and not last:
+        embedding.head.requires_grad_(False)
+    if embedding.head is not None and last:
+        # DeepSpeed marks every parameter of a tied module outside its first stage as a
+        # replica, left out of gradient norms; the head is trained here alone, so it counts
+        for parameter in embedding.head.parameters():
+            parameter.ds_pipe_replicated = False
 
 
 def canonical_name(name: str, num_layers: int) -> str:

@@ -418,7 +418,9 @@ class Block(nn.Module):
 
 class Embedding(nn.Module):
     """Token embedding, vocabulary rows split across TP ranks; plus learned positions.
-    With tied embeddings the same vocabulary-parallel matrix also gives the logits."""
+    With tied embeddings the same vocabulary-parallel matrix also gives the logits; an
+    encoder's masked-LM head lives here too (`head`), beside the matrix it ends in, so that a
+    pipeline's last stage, which holds a tied copy of this module, has all of it."""
 
     def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
@@ -437,6 +439,7 @@ class Embedding(nn.Module):
         self.tied_output = (
             output_layer(model, parallel, weightless=True) if model.tie_embeddings else None
         )
+        self.head = MaskedLMHead(model, parallel) if model.arch == "bert" else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.tokens(ids)
@@ -447,14 +450,17 @@ class Embedding(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Tied output layer: vocabulary-parallel logits from the embedding matrix."""
         assert self.tied_output is not None, "logits() needs model.tie_embeddings"
+        if self.head is not None:
+            x = self.head(x)
         logits, _ = self.tied_output(x, weight=self.tokens.weight)
-        return logits
+        return logits if self.head is None else logits + self.head.bias
 
 
 class MaskedLMHead(nn.Module):
-    """BERT's output: dense -> GELU -> LayerNorm, then the (tied) embedding matrix and a bias
-    per vocabulary row, split across TP ranks as the logits are. The dense layer and the norm
-    are replicated on every TP rank (their input and gradient are the same on all)."""
+    """BERT's output transform, dense -> GELU -> LayerNorm, before the (tied) embedding matrix,
+    and the bias per vocabulary row added after it, split across TP ranks as the logits are.
+    The dense layer and the norm are replicated on every TP rank (their input and gradient
+    are the same on all)."""
 
     def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
@@ -468,9 +474,8 @@ class MaskedLMHead(nn.Module):
         tensor_parallel.set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
         self.transform = kernel(gelu_exact, parallel)
 
-    def forward(self, x: torch.Tensor, embedding: Embedding) -> torch.Tensor:
-        x = self.norm(self.transform(self.dense(x)))
-        return embedding.logits(x) + self.bias
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.transform(self.dense(x)))
 
 
 def output_layer(
@@ -621,11 +626,11 @@ class Transformer(nn.Module):
             seeded(seed, 1 + i, lambda: Block(model, parallel)) for i in range(layers)
         )
         self.norm = seeded(seed, layers + 1, lambda: make_norm(model, compile))
-        self.output: nn.Module | None = None
-        if model.arch == "bert":
-            self.output = seeded(seed, layers + 2, lambda: MaskedLMHead(model, parallel))
-        elif not model.tie_embeddings:
-            self.output = seeded(seed, layers + 2, lambda: OutputLayer(model, parallel))
+        self.output = (
+            None
+            if model.tie_embeddings
+            else seeded(seed, layers + 2, lambda: OutputLayer(model, parallel))
+        )
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embedding(ids)
@@ -635,10 +640,5 @@ class Transformer(nn.Module):
             else:
                 x = block(x)
         x = self.norm(x)
-        if self.output is None:
-            logits = self.embedding.logits(x)
-        elif isinstance(self.output, MaskedLMHead):
-            logits = self.output(x, self.embedding)
-        else:
-            logits = self.output(x)
+        logits = self.embedding.logits(x) if self.output is None else self.output(x)
         return logits if targets is None else cross_entropy(logits, targets, self.config.vocab_size)

@@ -35,7 +35,7 @@ from pretrain.model.transformer import projection_parts
 from .dcp_io import Region
 from .optimizer_state import MOMENTS, OptimizerState
 
-VOCAB_PADDED = ("embedding.tokens.weight", "output.projection.weight", "output.bias")
+VOCAB_PADDED = ("embedding.tokens.weight", "output.projection.weight", "embedding.head.bias")
 MODEL = "model"
 TIED = "embedding.tokens.weight"  # kept on the first and the last stage when tied
 
@@ -158,9 +158,13 @@ def partition_dim(parameter: nn.Parameter) -> int | None:
 
 
 def canonical_parameters(module: nn.Module, num_layers: int) -> list[tuple[str, nn.Parameter]]:
-    """(canonical name, parameter) of a Transformer or pipeline stage, each name once."""
+    """(canonical name, parameter) of a Transformer or pipeline stage, each name once. A
+    frozen parameter is a pipeline stage's unused copy of another stage's (`build_pipeline`):
+    not state."""
     out, seen = [], set()
     for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
         canonical = canonical_name(name, num_layers)
         if canonical not in seen:
             seen.add(canonical)
