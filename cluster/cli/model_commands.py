@@ -35,7 +35,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(handler=_export)
 
     importer = commands.add_parser(
-        "import-hf", help="Start a run from a Hugging Face Llama or GPT-2 model."
+        "import-hf",
+        help="Start a run from a Hugging Face Llama, GPT-2 or MegatronBert (masked LM) model.",
     )
     importer.add_argument("hf_dir", metavar="HF_DIR", type=Path)
     importer.add_argument("--config", required=True, type=Path, metavar="CONFIG")
