@@ -424,10 +424,13 @@ class Embedding(nn.Module):
 
     def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
+        # Positions and the head are drawn first: the random draws of the token rows depend
+        # on the vocabulary's padding, which depends on T.
         self.positions = None
-        if model.positions == "learned":  # drawn first: the token rows next depend on T's padding
+        if model.positions == "learned":
             self.positions = nn.Embedding(model.max_seq_length, model.hidden_size)
             initializer(parallel, model.init_std)(self.positions.weight)
+        self.head = MaskedLMHead(model, parallel) if model.arch == "bert" else None
         vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
         self.tokens = tensor_parallel.VocabParallelEmbedding(
             vocab,
@@ -439,7 +442,6 @@ class Embedding(nn.Module):
         self.tied_output = (
             output_layer(model, parallel, weightless=True) if model.tie_embeddings else None
         )
-        self.head = MaskedLMHead(model, parallel) if model.arch == "bert" else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.tokens(ids)
