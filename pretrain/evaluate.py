@@ -35,11 +35,10 @@ from pretrain.data import (
     micro_batch,
     read_manifest,
 )
-from pretrain.data.masking import Masker
+from pretrain.data.masking import Masker, masked_micro_batch
 from pretrain.inference import load_model
 from pretrain.model.transformer import IGNORED
 from pretrain.train.checkpoint import TrainerState
-from pretrain.train.trainer import masked_micro_batch
 
 ENCODER_ONLY = ("accuracy", "masked_tokens")
 
@@ -89,7 +88,7 @@ def evaluate(
     then the mean over all their tokens)."""
     loaded = load_model(Path(path))
     cfg = loaded.cfg
-    seq_length, seed = cfg.train.seq_length, cfg.train.seed
+    seq_length = cfg.train.seq_length
     sources = [(str(data), 1.0)] if data is not None else configured_sources(cfg.data)
     for directory, _ in sources:
         check_tokenizer(Path(directory), loaded.tokenizer)
@@ -98,17 +97,12 @@ def evaluate(
             loaded, sources, batches, every_sequence, micro_batch_size, progress
         )
     runner = LossRunner(loaded.model, cfg, micro_batch_size, progress)
-    if every_sequence:
-        parts = []
-        for directory, _ in sources:
-            samples = build_validation_samples([(directory, 1.0)], seq_length, seed)
-            parts.append(runner.mean_loss(samples, len(samples.sources[0])))
-        count = sum(n for _, n in parts)
-        mean = sum(loss * n for loss, n in parts) / count
-    else:
-        samples = build_validation_samples(sources, seq_length, seed)
-        count = (batches or cfg.eval.batches) * cfg.train.global_batch_size
-        mean, _ = runner.mean_loss(samples, count)
+    parts = [
+        runner.mean_loss(samples, n)
+        for samples, n in validation_reads(cfg, sources, batches, every_sequence)
+    ]
+    count = sum(n for _, n in parts)
+    mean = sum(loss * n for loss, n in parts) / count
     return Evaluation(
         checkpoint=str(loaded.checkpoint),
         step=TrainerState.read(loaded.checkpoint).step,
@@ -118,6 +112,20 @@ def evaluate(
         loss=mean,
         perplexity=math.exp(min(mean, 50.0)),
     )
+
+
+def validation_reads(cfg, sources, batches: int | None, every_sequence: bool) -> list:
+    """(samples, how many to read) of the validation split: each directory's every sequence
+    once, or the first `batches` (default `eval.batches`) global batches, as training reads."""
+    seq_length, seed = cfg.train.seq_length, cfg.train.seed
+    if every_sequence:
+        out = []
+        for directory, _ in sources:
+            samples = build_validation_samples([(directory, 1.0)], seq_length, seed)
+            out.append((samples, len(samples.sources[0])))
+        return out
+    samples = build_validation_samples(sources, seq_length, seed)
+    return [(samples, (batches or cfg.eval.batches) * cfg.train.global_batch_size)]
 
 
 def evaluate_encoder(
@@ -134,15 +142,10 @@ def evaluate_encoder(
     seq_length, seed = cfg.train.seq_length, cfg.train.seed
     masker = Masker.for_tokenizer(Path(sources[0][0]) / "tokenizer.json", cfg.masking, seed)
     runner = MaskedLMRunner(loaded.model, cfg, micro_batch_size, progress, masker)
-    if every_sequence:
-        parts = []
-        for directory, _ in sources:
-            samples = build_validation_samples([(directory, 1.0)], seq_length, seed)
-            parts.append(runner.scores(samples, len(samples.sources[0])))
-    else:
-        samples = build_validation_samples(sources, seq_length, seed)
-        count = (batches or cfg.eval.batches) * cfg.train.global_batch_size
-        parts = [runner.scores(samples, count)]
+    parts = [
+        runner.scores(samples, n)
+        for samples, n in validation_reads(cfg, sources, batches, every_sequence)
+    ]
     size = cfg.train.micro_batch_size
     mean = float(np.mean([loss for part in parts for loss in part.micro_batch_losses(size)]))
     count = sum(part.sequences for part in parts)

@@ -12,6 +12,7 @@ resume; the next epoch's copy of a document gets another mask, as its sample ind
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +89,14 @@ class Masker:
         inputs[randomised] = replacements[randomised]
         targets = np.where(chosen, tokens, IGNORED)
         return inputs, targets
+
+
+def masked_micro_batch(
+    samples, indices: Iterable[int], masker: Masker, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """An encoder's micro-batch: each sample's first S tokens, masked for its index."""
+    pairs = [
+        masker(samples.sample(int(g))[:-1].astype(np.int64, copy=False), int(g), split)
+        for g in indices
+    ]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -212,9 +212,16 @@ def hf_config(
 
     check_exportable(model)
     dtype_name = str(dtype).removeprefix("torch.")
+    common = dict(
+        vocab_size=model.vocab_size,
+        tie_word_embeddings=bool(model.tie_embeddings),
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        initializer_range=model.init_std,
+        dtype=dtype_name,
+    )
     if model.arch == "bert":
         config = MegatronBertConfig(
-            vocab_size=model.vocab_size,
             hidden_size=model.hidden_size,
             num_hidden_layers=model.num_layers,
             num_attention_heads=model.num_heads,
@@ -224,25 +231,13 @@ def hf_config(
             attention_probs_dropout_prob=0.0,
             max_position_embeddings=model.max_seq_length,
             type_vocab_size=1,
-            initializer_range=model.init_std,
             layer_norm_eps=model.norm_eps,
             pad_token_id=pad_id,
-            bos_token_id=None,
-            eos_token_id=eos_id,
-            tie_word_embeddings=True,
             is_decoder=False,
-            dtype=dtype_name,
+            **{**common, "bos_token_id": None},
         )
         config.architectures = ["MegatronBertForMaskedLM"]
         return config
-    common = dict(
-        vocab_size=model.vocab_size,
-        tie_word_embeddings=bool(model.tie_embeddings),
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        initializer_range=model.init_std,
-        dtype=dtype_name,
-    )
     if model.arch == "llama":
         config = LlamaConfig(
             hidden_size=model.hidden_size,

@@ -124,12 +124,12 @@ def parallel_config(
     )
 
 
-def kernel(function: Callable, parallel: LayerConfig) -> Callable:
+def kernel(function: Callable, compile: bool) -> Callable:
     """`function` itself, or compiled. Only tensor-in, tensor-out compute is compiled: the
     megatron-core layers, whose autograd functions run tensor-parallel collectives, stay
     outside the compiled regions (dynamo would break its graphs on them). Every layer's
     wrapper shares one compiled code per function and input shape."""
-    if parallel.compile_kernels:
+    if compile:
         return torch.compile(function, fullgraph=True, dynamic=False)
     return function
 
@@ -216,7 +216,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
-        self.norm = torch.compile(rms_norm, fullgraph=True, dynamic=False) if compile else rms_norm
+        self.norm = kernel(rms_norm, compile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x, self.weight, self.eps)
@@ -227,9 +227,7 @@ class LayerNorm(nn.LayerNorm):
 
     def __init__(self, size: int, eps: float, compile: bool = False) -> None:
         super().__init__(size, eps=eps)
-        self.norm = (
-            torch.compile(F.layer_norm, fullgraph=True, dynamic=False) if compile else F.layer_norm
-        )
+        self.norm = kernel(F.layer_norm, compile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -332,7 +330,7 @@ class Attention(nn.Module):
             else None
         )
         self.recompute_core = parallel.recompute_core
-        self.core = kernel(attention_core, parallel)
+        self.core = kernel(attention_core, parallel.compile_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -377,7 +375,7 @@ class MLP(nn.Module):
         self.down = residual_projection(model.ffn_hidden_size, model, parallel)
         self.recompute_core = parallel.recompute_core
         activation = {"llama": swiglu_of_fused, "gpt": gelu, "bert": gelu_exact}[model.arch]
-        self.activation = kernel(activation, parallel)
+        self.activation = kernel(activation, parallel.compile_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recompute = self.recompute_core and self.training
@@ -474,7 +472,7 @@ class MaskedLMHead(nn.Module):
         rows = padded_vocab_size(model.vocab_size, tensor) // tensor
         self.bias = nn.Parameter(torch.zeros(rows, dtype=parallel.params_dtype))
         tensor_parallel.set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
-        self.transform = kernel(gelu_exact, parallel)
+        self.transform = kernel(gelu_exact, parallel.compile_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.transform(self.dense(x)))

@@ -27,7 +27,7 @@ from pretrain.data import (
     build_validation_samples,
     configured_sources,
 )
-from pretrain.data.masking import Masker, MaskingError
+from pretrain.data.masking import Masker, MaskingError, masked_micro_batch
 from pretrain.data.prefetch import BatchPrefetcher
 from pretrain.data.sampling import micro_batch, rank_batch_indices
 from pretrain.data.stream import read_manifest
@@ -48,17 +48,6 @@ EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 3, 2
 
 class RunError(ValueError):
     """A user mistake found only where the ranks run (the data, the device)."""
-
-
-def masked_micro_batch(
-    samples, indices, masker: Masker, split: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """An encoder's micro-batch: each sample's first S tokens, masked for its index."""
-    pairs = [
-        masker(samples.sample(int(g))[:-1].astype(np.int64, copy=False), int(g), split)
-        for g in indices
-    ]
-    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
 class TrainingData:
