@@ -35,9 +35,8 @@ from pretrain.data import (
     micro_batch,
     read_manifest,
 )
-from pretrain.data.masking import Masker, masked_micro_batch
+from pretrain.data.masking import IGNORED, Masker, masked_micro_batch
 from pretrain.inference import load_model
-from pretrain.model.transformer import IGNORED
 from pretrain.train.checkpoint import TrainerState
 
 ENCODER_ONLY = ("accuracy", "masked_tokens")

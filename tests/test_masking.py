@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from pretrain.config.schema import MaskingConfig
-from pretrain.data.masking import Masker, MaskingError
-from pretrain.model.transformer import IGNORED
+from pretrain.data.masking import IGNORED, Masker, MaskingError
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_every_encoder_position_sees_every_token(single_rank, name):
 
 
 def test_the_masked_lm_loss_counts_the_chosen_positions_only(single_rank):
-    from pretrain.model.transformer import IGNORED
+    from pretrain.data.masking import IGNORED
 
     model = build("bert", seed=2)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))

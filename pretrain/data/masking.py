@@ -20,9 +20,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from pretrain.config.schema import MaskingConfig
-from pretrain.model.transformer import IGNORED
 
 SPLITS = {"train": 0, "valid": 1}
+IGNORED = -1  # a target that takes no part in the loss: a position not chosen
 
 
 class MaskingError(ValueError):

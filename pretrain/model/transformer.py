@@ -538,7 +538,6 @@ def attention_backend(
         return "unknown"
 
 
-IGNORED = -1  # a target that takes no part in the loss (masked LM: a position not chosen)
 LOSS_CHUNK_ELEMENTS = 2**26  # fp32 logits one chunk of the loss may hold: 256 MiB
 
 
