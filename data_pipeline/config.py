@@ -283,6 +283,12 @@ class TokenizerConfig(ConfigSection):
         description="The masked-LM objective's token (set from masking.token for a bert "
         "model): a trained tokenizer gets it as a special token, a loaded one must have it.",
     )
+    required_tokens: list[str] = Field(
+        default_factory=list,
+        description="Further tokens the objective needs (set from the spans section for a t5 "
+        "model: the decoder's start token and the sentinels): trained in as special tokens, "
+        "required of a loaded tokenizer.",
+    )
     train_sample_mb: PositiveFloat = Field(
         default=64.0, description="Megabytes of cleaned text to train the tokenizer on."
     )
@@ -290,8 +296,10 @@ class TokenizerConfig(ConfigSection):
 
     @model_validator(mode="after")
     def _mask_is_special(self) -> TokenizerConfig:
-        if self.mask_token is not None and self.mask_token not in self.special_tokens:
-            self.special_tokens = [*self.special_tokens, self.mask_token]
+        needed = [self.mask_token] if self.mask_token is not None else []
+        for token in [*needed, *self.required_tokens]:
+            if token not in self.special_tokens:
+                self.special_tokens = [*self.special_tokens, token]
         return self
 
     @model_validator(mode="after")

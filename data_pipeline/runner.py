@@ -327,6 +327,13 @@ class PrepareJob:
                             f"{cfg.path}: the tokenizer has no {cfg.mask_token} token, which "
                             "the masked-LM objective (model.arch: bert) needs"
                         )
+                    missing = [t for t in cfg.required_tokens if tokenizer.token_to_id(t) is None]
+                    if missing:
+                        raise TokenizerError(
+                            f"{cfg.path}: the tokenizer lacks {len(missing)} of the tokens span "
+                            f"corruption (model.arch: t5) needs, first {missing[0]}: it needs "
+                            "the decoder's start token and the sentinels (spans section)"
+                        )
                 else:
                     kept_bytes = sum(c["kept_bytes"] for c in clean)
                     share = min(1.0, cfg.train_sample_mb * 1e6 / max(kept_bytes, 1))

@@ -32,10 +32,15 @@ DEFAULT_VOCAB_SIZE = 32000
 class ModelConfig(ConfigSection):
     """A transformer. Decoders: `llama` (RMSNorm, RoPE, SwiGLU, GQA, no biases) and `gpt`
     (LayerNorm, learned positions, GELU, biases). Encoder: `bert` (pre-LayerNorm as Megatron's
-    BERT, bidirectional attention, GELU, biases, a masked-LM head tied to the embedding)."""
+    BERT, bidirectional attention, GELU, biases, a masked-LM head tied to the embedding).
+    Encoder-decoder: `t5` (T5: RMSNorm, relative position buckets, unscaled attention, no
+    biases; v1.1's gated-GELU and untied head by default, v1.0's ReLU and tied head if set)."""
 
-    arch: Literal["llama", "gpt", "bert"] = "llama"
-    num_layers: PositiveInt
+    arch: Literal["llama", "gpt", "bert", "t5"] = "llama"
+    num_layers: PositiveInt = Field(description="Layers (t5: the encoder's).")
+    decoder_layers: PositiveInt | None = Field(
+        default=None, description="t5 only: the decoder's layers; defaults to num_layers."
+    )
     hidden_size: PositiveInt
     num_heads: PositiveInt
     num_kv_heads: PositiveInt | None = Field(default=None, description="Defaults to num_heads.")
@@ -44,12 +49,27 @@ class ModelConfig(ConfigSection):
     )
     vocab_size: PositiveInt
     max_seq_length: PositiveInt
-    positions: Literal["learned", "rotary"] | None = Field(
-        default=None, description="Position embedding; defaults: llama rotary, gpt/bert learned."
+    positions: Literal["learned", "rotary", "relative"] | None = Field(
+        default=None,
+        description="Position embedding; defaults: llama rotary, gpt/bert learned, t5 relative "
+        "(T5's bucketed bias per head, the only kind t5 takes).",
+    )
+    relative_buckets: PositiveInt = Field(
+        default=32, description="t5: relative position buckets (half per direction in the encoder)."
+    )
+    relative_max_distance: PositiveInt = Field(
+        default=128, description="t5: distances from here on share the last bucket."
+    )
+    feed_forward: Literal["gated-gelu", "relu"] | None = Field(
+        default=None,
+        description="t5 only: T5 v1.1's gated-GELU (the default) or T5 v1.0's ReLU; llama is "
+        "SwiGLU, gpt and bert GELU.",
     )
     rope_base: PositiveFloat = 10000.0
     tie_embeddings: bool | None = Field(
-        default=None, description="Defaults: gpt and bert yes (bert must), llama no."
+        default=None,
+        description="Defaults: gpt and bert yes (bert must), llama and t5 no (a tied t5 scales "
+        "the decoder's output by hidden_size**-0.5, as T5 v1.0).",
     )
     norm_eps: PositiveFloat = 1e-5
     init_std: PositiveFloat = 0.02
@@ -61,9 +81,10 @@ class ModelConfig(ConfigSection):
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = default_ffn_hidden_size(self.arch, self.hidden_size)
         if self.tie_embeddings is None:
-            self.tie_embeddings = self.arch != "llama"
+            self.tie_embeddings = self.arch in ("gpt", "bert")
         if self.positions is None:
-            self.positions = "rotary" if self.arch == "llama" else "learned"
+            self.positions = {"llama": "rotary", "t5": "relative"}.get(self.arch, "learned")
+        self._resolve_encoder_decoder()
         if self.arch == "bert" and not self.tie_embeddings:
             raise rule_violation(
                 "tie_embeddings",
@@ -90,10 +111,45 @@ class ModelConfig(ConfigSection):
             )
         return self
 
+    def _resolve_encoder_decoder(self) -> None:
+        if self.arch != "t5":
+            for key in ("decoder_layers", "feed_forward"):
+                if getattr(self, key) is not None:
+                    raise rule_violation(key, getattr(self, key), "applies to model.arch t5 only")
+            if self.positions == "relative":
+                raise rule_violation(
+                    "positions", "relative", "relative position buckets are t5's only"
+                )
+            return
+        self.decoder_layers = self.decoder_layers or self.num_layers
+        self.feed_forward = self.feed_forward or "gated-gelu"
+        if self.positions != "relative":
+            raise rule_violation(
+                "positions", self.positions, "t5 takes relative position buckets only"
+            )
+        if self.num_kv_heads != self.num_heads:
+            raise rule_violation(
+                "num_kv_heads", self.num_kv_heads, "t5 has no grouped-query attention"
+            )
+        if self.relative_buckets < 2:
+            raise rule_violation(
+                "relative_buckets", self.relative_buckets, "t5 needs at least 2 (one per side)"
+            )
+
     @property
     def causal(self) -> bool:
-        """Decoders attend to earlier tokens only; an encoder to every token."""
-        return self.arch != "bert"
+        """Decoders attend to earlier tokens only; an encoder to every token (t5: the
+        encoder; its decoder is causal)."""
+        return self.arch in ("llama", "gpt")
+
+    @property
+    def biases(self) -> bool:
+        """gpt and bert have biases in every linear layer and norm; llama and t5 none."""
+        return self.arch in ("gpt", "bert")
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.arch == "t5"
 
     @property
     def head_dim(self) -> int:
@@ -101,7 +157,7 @@ class ModelConfig(ConfigSection):
 
 
 def default_ffn_hidden_size(arch: str, hidden_size: int) -> int:
-    """4h for GPT and BERT; for Llama, SwiGLU's 2/3 of 4h rounded up to a multiple of 256."""
+    """4h for GPT, BERT and T5; for Llama, SwiGLU's 2/3 of 4h rounded up to a multiple of 256."""
     if arch != "llama":
         return 4 * hidden_size
     return 256 * math.ceil(int(8 * hidden_size / 3) / 256)
@@ -255,6 +311,69 @@ class MaskingConfig(ConfigSection):
         return self
 
 
+class SpanConfig(ConfigSection):
+    """Span corruption, the objective of `model.arch: t5` (T5, Raffel et al. 2020): of each
+    sample's tokens `noise_density` are corrupted, in spans of `mean_span_length` on average;
+    the encoder reads the sample with each span replaced by the next sentinel token and an EOS
+    at the end, the decoder writes the spans, each after its sentinel, then EOS. Drawn per
+    (train.seed, sample index): a resume corrupts the same way. `train.seq_length` is the
+    encoder's length; the sample length and the decoder's length follow from it as T5's
+    `compute_input_and_target_lengths` computes them."""
+
+    noise_density: float = Field(default=0.15, gt=0.0, lt=1.0)
+    mean_span_length: float = Field(default=3.0, ge=1.0)
+    sentinels: PositiveInt = Field(default=100, description="Sentinel tokens in the tokenizer.")
+    sentinel_template: str = Field(
+        default="<extra_id_{}>", description="The i-th sentinel's text (Hugging Face's T5)."
+    )
+    start_token: str = Field(
+        default="<|pad|>", description="The decoder's first input (T5 starts from its pad token)."
+    )
+    sample_tokens: PositiveInt | None = Field(
+        default=None, description="Derived: tokens of a packed sample before corruption."
+    )
+    decoder_length: PositiveInt | None = Field(
+        default=None, description="Derived: the decoder's length (spans, sentinels and EOS)."
+    )
+
+    @field_validator("sentinel_template")
+    @classmethod
+    def _template_has_slot(cls, value: str) -> str:
+        if value.count("{}") != 1:
+            raise ValueError("must contain one {} for the sentinel's number")
+        return value
+
+    def sentinel_tokens(self) -> list[str]:
+        return [self.sentinel_template.format(i) for i in range(self.sentinels)]
+
+
+def span_lengths(
+    encoder_length: int, noise_density: float, mean_span_length: float
+) -> tuple[int, int, int]:
+    """(sample tokens, encoder length, decoder length) as T5's
+    `compute_input_and_target_lengths`: the longest sample whose corrupted form (kept tokens,
+    one sentinel per span, EOS) fits `encoder_length`; the decoder holds the noise tokens, one
+    sentinel per span and EOS. Noise and spans are counted as the mask draws them (at least
+    one of each), and T5's adjustment at density 0.5 is left out: no mask has its lengths."""
+
+    def corrupted(tokens: int) -> tuple[int, int]:
+        noise = min(max(round(tokens * noise_density), 1), tokens - 1)
+        spans = span_count(tokens, noise_density, mean_span_length)
+        return tokens - noise + spans + 1, noise + spans + 1
+
+    tokens = max(encoder_length - 1, 2)
+    while corrupted(tokens + 1)[0] <= encoder_length:
+        tokens += 1
+    encoder, decoder = corrupted(tokens)
+    return tokens, encoder, decoder
+
+
+def span_count(tokens: int, noise_density: float, mean_span_length: float) -> int:
+    """Noise spans in a sample of `tokens` (T5's `random_spans_noise_mask`)."""
+    noise = min(max(round(tokens * noise_density), 1), tokens - 1)
+    return max(round(noise / mean_span_length), 1)
+
+
 class CheckpointConfig(ConfigSection):
     # `async` is a Python keyword: the field is `async_save`, written `checkpoint.async`.
     model_config = ConfigDict(
@@ -325,6 +444,7 @@ class KilnConfig(ConfigSection):
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
+    spans: SpanConfig = Field(default_factory=SpanConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -338,6 +458,8 @@ class KilnConfig(ConfigSection):
             self._check_model_against_layout()
         self._resolve_data_parallel(world_size)
         self._resolve_batch()
+        if self.model is not None and self.model.encoder_decoder:
+            self._resolve_spans()
         if self.parallel.zero_stage is None:
             self.parallel.zero_stage = recommended_zero_stage(
                 self.train.precision, self.parallel.pipeline
@@ -365,11 +487,16 @@ class KilnConfig(ConfigSection):
 
     def _check_tokenizer(self) -> None:
         model_vocab = self.model.vocab_size if self.model else None
+        # the tokens the objective needs: trained in, or required of a loaded tokenizer
+        needed = []
         if self.model is not None and self.model.arch == "bert":
-            # the mask token the objective needs: trained in, or required of a loaded tokenizer
             self.tokenizer.mask_token = self.masking.token
-            if self.masking.token not in self.tokenizer.special_tokens:
-                self.tokenizer.special_tokens = [*self.tokenizer.special_tokens, self.masking.token]
+            needed = [self.masking.token]
+        if self.model is not None and self.model.encoder_decoder:
+            needed = [self.spans.start_token, *self.spans.sentinel_tokens()]
+            self.tokenizer.required_tokens = needed
+        missing = [token for token in needed if token not in self.tokenizer.special_tokens]
+        self.tokenizer.special_tokens = [*self.tokenizer.special_tokens, *missing]
         if self.tokenizer.vocab_size is None:
             self.tokenizer.vocab_size = model_vocab or DEFAULT_VOCAB_SIZE
         elif (
@@ -407,6 +534,40 @@ class KilnConfig(ConfigSection):
                 train.seq_length,
                 f"must not exceed model.max_seq_length ({model.max_seq_length})",
             )
+
+    def _resolve_spans(self) -> None:
+        """t5: the sample and decoder lengths of span corruption, from the encoder's."""
+        spans, encoder_length = self.spans, self.train.seq_length
+        assert encoder_length is not None
+        if self.parallel.pipeline > 1:
+            raise rule_violation(
+                "parallel.pipeline",
+                self.parallel.pipeline,
+                "t5 trains without pipeline parallelism: DeepSpeed's pipeline passes one "
+                "activation stream between stages, an encoder-decoder needs two (use "
+                "parallel.tensor and ZeRO to split a large t5)",
+            )
+        tokens, encoder, decoder = span_lengths(
+            encoder_length, spans.noise_density, spans.mean_span_length
+        )
+        # one more sample token adds at most one encoder token: every length is reached
+        assert encoder == encoder_length, (encoder, encoder_length)
+        count = span_count(tokens, spans.noise_density, spans.mean_span_length)
+        if count > spans.sentinels or decoder < 3:
+            raise rule_violation(
+                "train.seq_length",
+                encoder_length,
+                f"a sample of {tokens} tokens has {count} noise spans, which needs between 1 "
+                f"and spans.sentinels ({spans.sentinels}) sentinels and a decoder of 3 or more "
+                f"tokens ({decoder})",
+            )
+        for key, value in (("sample_tokens", tokens), ("decoder_length", decoder)):
+            given = getattr(spans, key)
+            if given is not None and given != value:
+                raise rule_violation(
+                    f"spans.{key}", given, f"is derived from train.seq_length: {value}"
+                )
+            setattr(spans, key, value)
 
     def _resolve_data_parallel(self, world_size: int | None) -> None:
         par = self.parallel

@@ -97,7 +97,7 @@ def residual_projection(
         config=parallel,
         tp_group=tp_group(),
         init_method=initializer(parallel, residual_std(model)),
-        bias=model.arch != "llama",
+        bias=model.biases,
         input_is_parallel=True,
         skip_bias_add=False,
     )
@@ -234,7 +234,7 @@ class LayerNorm(nn.LayerNorm):
 
 
 def make_norm(model: ModelConfig, compile: bool = False) -> nn.Module:
-    if model.arch == "llama":
+    if model.arch in ("llama", "t5"):
         return RMSNorm(model.hidden_size, model.norm_eps, compile)
     return LayerNorm(model.hidden_size, model.norm_eps, compile)
 
@@ -286,18 +286,30 @@ def attention_core(
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     causal: bool = True,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Rotary embedding of q and k (when given tables), then SDPA, causal for a decoder and
-    over every position for an encoder (packed samples have no padding): [B, heads, S, d]."""
+    over every position for an encoder (packed samples have no padding): [B, heads, S, d].
+    `bias` [1, heads, Sq, Sk] is added to the scores (T5's relative position bias, with its
+    causal mask in it for a decoder); `scale` replaces 1/sqrt(d) (T5: 1, none)."""
     if cos is not None and sin is not None:
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     return F.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
+        q,
+        k,
+        v,
+        attn_mask=bias,
+        is_causal=causal and bias is None,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
     )
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads, through PyTorch's SDPA (flash on GPUs)."""
+    """Self-attention with grouped-query heads, through PyTorch's SDPA (flash on GPUs): causal
+    in a decoder, bidirectional in an encoder; t5's takes the relative position bias and does
+    not scale its scores."""
 
     def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
@@ -315,9 +327,10 @@ class Attention(nn.Module):
             model.hidden_size,
             model,
             parallel,
-            bias=model.arch != "llama",
+            bias=model.biases,
         )
         self.causal = model.causal
+        self.scale = 1.0 if model.arch == "t5" else None
         self.split = (
             self.heads * self.head_dim,
             self.kv_heads * self.head_dim,
@@ -332,7 +345,8 @@ class Attention(nn.Module):
         self.recompute_core = parallel.recompute_core
         self.core = kernel(attention_core, parallel.compile_kernels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, h]; `bias`: t5's position bias (and causal mask) for this rank's heads."""
         batch, seq, _ = x.shape
 
         projected, _ = self.qkv(x)
@@ -344,21 +358,23 @@ class Attention(nn.Module):
         if self.rotary is not None:
             cos, sin = self.rotary.tables(seq, x.device, x.dtype)
         recompute = self.recompute_core and self.training
-        y = maybe_recomputed(recompute, self.core, q, k, v, cos, sin, self.causal)
+        y = maybe_recomputed(recompute, self.core, q, k, v, cos, sin, self.causal, bias, self.scale)
         y = y.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
         out, _ = self.out(y)
         return out
 
 
 class MLP(nn.Module):
-    """llama: down(silu(gate(x)) * up(x)); gpt: proj(gelu(fc(x)))."""
+    """Gated: down(act(gate(x)) * up(x)) (llama: SiLU; t5 v1.1: tanh-GELU); otherwise
+    down(act(fc(x))) (gpt: tanh-GELU; bert: exact GELU; t5 v1.0: ReLU)."""
 
     def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
         super().__init__()
         assert model.ffn_hidden_size is not None
-        self.arch = model.arch
         ffn = model.ffn_hidden_size
-        if model.arch == "llama":
+        activation = mlp_activation(model)
+        self.gated = activation in (swiglu_of_fused, geglu_of_fused)
+        if self.gated:
             self.gate_up = fused_column(
                 {"gate": ffn, "up": ffn}, model.hidden_size, model, parallel, False
             )
@@ -369,26 +385,37 @@ class MLP(nn.Module):
                 config=parallel,
                 tp_group=tp_group(),
                 init_method=initializer(parallel, model.init_std),
-                bias=True,
+                bias=model.biases,
                 gather_output=False,
             )
         self.down = residual_projection(model.ffn_hidden_size, model, parallel)
         self.recompute_core = parallel.recompute_core
-        activation = {"llama": swiglu_of_fused, "gpt": gelu, "bert": gelu_exact}[model.arch]
         self.activation = kernel(activation, parallel.compile_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recompute = self.recompute_core and self.training
-        projected = self.gate_up(x)[0] if self.arch == "llama" else self.fc(x)[0]
+        projected = self.gate_up(x)[0] if self.gated else self.fc(x)[0]
         hidden = maybe_recomputed(recompute, self.activation, projected)
         out, _ = self.down(hidden)
         return out
+
+
+def mlp_activation(model: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    if model.arch == "t5":
+        return geglu_of_fused if model.feed_forward == "gated-gelu" else F.relu
+    return {"llama": swiglu_of_fused, "gpt": gelu, "bert": gelu_exact}[model.arch]
 
 
 def swiglu_of_fused(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of the fused [..., gate | up] projection (this rank's halves)."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def geglu_of_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """T5 v1.1's gelu_new(gate) * up (tanh-approximated GELU) of the fused projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -409,8 +436,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(model, parallel.compile_kernels)
         self.mlp = MLP(model, parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), bias)
         return x + self.mlp(self.mlp_norm(x))
 
 
