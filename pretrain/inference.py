@@ -2,7 +2,8 @@
 evaluation and export start from.
 
 The checkpoint's fp32 weights (the master weights when it trained in bf16/fp16) are loaded
-into a one-rank `Transformer` in fp32, beside the run's configuration and tokenizer.
+into a one-rank model (`Transformer`, or `EncoderDecoder` for t5) in fp32, beside the run's
+configuration and tokenizer.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from tokenizers import Tokenizer
+from torch import nn
 
 from pretrain.config import KilnConfig, load_config
-from pretrain.model.transformer import Transformer
+from pretrain.model.build import build_model
 from pretrain.train.checkpoint import resolve_checkpoint
 from pretrain.train.weights import CheckpointError, consolidated_weights, load_weights
 
 
 @dataclass
 class LoadedModel:
-    model: Transformer
+    model: nn.Module
     cfg: KilnConfig
     checkpoint: Path
     tokenizer: Tokenizer
@@ -54,7 +56,7 @@ def load_model(path: Path) -> LoadedModel:
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{checkpoint}: no tokenizer.json beside the weights")
     single_process_group()
-    model = Transformer(cfg.model, tensor=1, seed=cfg.train.seed, initialize=False)
+    model = build_model(cfg.model, tensor=1, seed=cfg.train.seed, initialize=False)
     load_weights(model, checkpoint_weights(checkpoint))
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     eos = tokenizer.token_to_id(cfg.tokenizer.eos_token)

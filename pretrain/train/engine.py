@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain.config import KilnConfig
+from pretrain.model.build import build_model
 from pretrain.model.pipeline import build_pipeline
-from pretrain.model.transformer import Transformer, cross_entropy
+from pretrain.model.transformer import cross_entropy
 from pretrain.parallel.layout import Parallel
 
 from .optimizer import (
@@ -181,7 +182,7 @@ class TrainEngine:
                 initialize=initialize,
                 compile=compile,
             )
-        return Transformer(
+        return build_model(
             cfg.model,
             tensor=parallel.layout.tensor,
             seed=cfg.train.seed,

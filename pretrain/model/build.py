@@ -1,0 +1,18 @@
+"""The model of a configuration on one pipeline stage: a decoder or encoder (`Transformer`) or an
+encoder-decoder (`EncoderDecoder`), with the same constructor arguments."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pretrain.config import ModelConfig
+
+from .encoder_decoder import EncoderDecoder
+from .transformer import Transformer
+
+
+def build_model(model: ModelConfig, **settings) -> nn.Module:
+    """`Transformer(model, **settings)`, or `EncoderDecoder` for t5 (tensor, seed, dtype,
+    recompute, initialize, compile)."""
+    kind = EncoderDecoder if model.encoder_decoder else Transformer
+    return kind(model, **settings)
