@@ -44,6 +44,15 @@ def check_trainable(cfg: KilnConfig) -> None:
                 Masker.for_tokenizer(Path(path) / "tokenizer.json", cfg.masking, cfg.train.seed)
             except MaskingError as error:
                 raise ConfigError(str(error)) from None
+        if cfg.model.encoder_decoder:  # span corruption needs the start token and sentinels
+            from pretrain.data.spans import SpanCorruptionError, SpanCorruptor
+
+            try:
+                SpanCorruptor.for_tokenizer(
+                    Path(path) / "tokenizer.json", cfg.spans, cfg.tokenizer.eos_token, 0
+                )
+            except SpanCorruptionError as error:
+                raise ConfigError(str(error)) from None
     cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else None
     for entry in cfg.data.blend or []:
         entry.path = str(Path(entry.path).resolve())

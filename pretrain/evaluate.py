@@ -14,6 +14,11 @@ reports the masked-token loss over the chosen positions, averaged over micro-bat
 logged `val_loss`; `--micro-batch-size` changes only how many sequences run at once), and the
 masked-token accuracy: the share of all chosen positions whose most likely token of the real
 vocabulary is the original one.
+
+An encoder-decoder (`model.arch: t5`) reads the same samples corrupted as the training loop
+corrupts its validation batches (`SpanCorruptor`, split "valid") and reports the
+span-corruption loss: the mean cross entropy of the decoder's targets (sentinels, the spans'
+tokens, EOS), every sample holding `spans.decoder_length` of them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pretrain.data import (
     read_manifest,
 )
 from pretrain.data.masking import IGNORED, Masker, masked_micro_batch
+from pretrain.data.spans import SpanCorruptor, sample_length, span_micro_batch
 from pretrain.inference import load_model
 from pretrain.train.checkpoint import TrainerState
 
@@ -91,11 +97,25 @@ def evaluate(
     sources = [(str(data), 1.0)] if data is not None else configured_sources(cfg.data)
     for directory, _ in sources:
         check_tokenizer(Path(directory), loaded.tokenizer)
-    if not cfg.model.causal:
+    if cfg.model.arch == "bert":
         return evaluate_encoder(
             loaded, sources, batches, every_sequence, micro_batch_size, progress
         )
-    runner = LossRunner(loaded.model, cfg, micro_batch_size, progress)
+    read = micro_batch
+    target_tokens = seq_length
+    if cfg.model.encoder_decoder:
+        corruptor = SpanCorruptor.for_tokenizer(
+            Path(sources[0][0]) / "tokenizer.json",
+            cfg.spans,
+            cfg.tokenizer.eos_token,
+            cfg.train.seed,
+        )
+        target_tokens = corruptor.decoder_length
+
+        def read(samples, indices):
+            return span_micro_batch(samples, indices, corruptor, "valid")
+
+    runner = LossRunner(loaded.model, cfg, micro_batch_size, progress, read)
     parts = [
         runner.mean_loss(samples, n)
         for samples, n in validation_reads(cfg, sources, batches, every_sequence)
@@ -107,7 +127,7 @@ def evaluate(
         step=TrainerState.read(loaded.checkpoint).step,
         data=[str(p) for p, _ in sources],
         sequences=count,
-        tokens=count * seq_length,
+        tokens=count * target_tokens,
         loss=mean,
         perplexity=math.exp(min(mean, 50.0)),
     )
@@ -116,7 +136,7 @@ def evaluate(
 def validation_reads(cfg, sources, batches: int | None, every_sequence: bool) -> list:
     """(samples, how many to read) of the validation split: each directory's every sequence
     once, or the first `batches` (default `eval.batches`) global batches, as training reads."""
-    seq_length, seed = cfg.train.seq_length, cfg.train.seed
+    seq_length, seed = sample_length(cfg), cfg.train.seed
     if every_sequence:
         out = []
         for directory, _ in sources:
@@ -164,9 +184,13 @@ def evaluate_encoder(
 
 
 class LossRunner:
-    """Mean next-token loss of a one-process model over the first N samples of a source."""
+    """Mean loss of a one-process model over the first N samples of a source: next-token
+    (`micro_batch`), or a t5's span corruption (`read` gives its three arrays)."""
 
-    def __init__(self, model, cfg, micro_batch_size: int | None, progress: bool | None) -> None:
+    def __init__(
+        self, model, cfg, micro_batch_size: int | None, progress: bool | None, read=micro_batch
+    ) -> None:
+        self.read = read
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
         self.size = micro_batch_size or cfg.train.micro_batch_size
@@ -183,12 +207,12 @@ class LossRunner:
         total = 0.0
         starts = range(0, count, self.size)
         for start in tqdm(starts, desc="eval", unit="batch", disable=not self.show):
-            inputs, targets = micro_batch(samples, range(start, min(start + self.size, count)))
-            inputs = torch.from_numpy(inputs).to(self.device)
-            targets = torch.from_numpy(targets).to(self.device)
+            arrays = self.read(samples, range(start, min(start + self.size, count)))
+            tensors = [torch.from_numpy(array).to(self.device) for array in arrays]
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
-                loss = self.model(inputs, targets)
-            total += float(loss) * inputs.shape[0]  # each row holds the same number of tokens
+                loss = self.model(*tensors)
+            rows = tensors[0].shape[0]
+            total += float(loss) * rows  # each row holds the same number of target tokens
         return total / count, count
 
 

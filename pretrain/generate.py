@@ -7,10 +7,14 @@ token. An encoder (`model.arch: bert`) fills the prompt's mask tokens instead (`
 `<mask>`): one forward pass over the whole prompt gives each mask its most likely tokens of the
 real vocabulary, with their probabilities, and the prompt is shown with each mask replaced by
 its best candidate (each mask predicted on its own, the others masked, as in BERT).
+An encoder-decoder (`model.arch: t5`) fills the prompt's sentinels (`<extra_id_0>`, ...): the
+encoder reads the prompt and an EOS, as in training; the decoder writes from its start token,
+each sentinel followed by the text it stands for, until EOS (`--temperature 0`: greedy).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +73,9 @@ def generate_text(
         raise GenerationError(f"--max-new-tokens = {max_new_tokens}: must be at least 1")
     check_sampling_args(temperature, top_k, top_p)
     loaded = load_model(path)
+    if loaded.cfg.model.encoder_decoder:
+        filling = fill_sentinels(loaded, prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        return filling.render()
     if not loaded.cfg.model.causal:
         return fill_masks(loaded, prompt, top_k or MASK_CANDIDATES).render()
     model, tokenizer, eos = loaded.model, loaded.tokenizer, loaded.eos_id
@@ -158,3 +165,99 @@ def fill_masks(loaded: LoadedModel, prompt: str, candidates: int = MASK_CANDIDAT
         for values, indices in zip(best.values, best.indices, strict=True)
     ]
     return MaskFilling(mask_token, texts, options)
+
+
+@dataclass
+class SentinelFilling:
+    """An encoder-decoder's answer to a prompt with sentinels: the prompt's pieces around
+    them, the sentinels in the prompt, and the text the decoder wrote after each sentinel
+    (None for a sentinel it did not write)."""
+
+    texts: list[str]  # one more than there are sentinels
+    sentinels: list[str]
+    spans: list[str | None]
+
+    @property
+    def filled(self) -> str:
+        parts = [self.texts[0]]
+        for sentinel, span, text in zip(self.sentinels, self.spans, self.texts[1:], strict=True):
+            parts += [sentinel if span is None else span, text]
+        return "".join(parts)
+
+    def render(self) -> str:
+        """One line per sentinel (`<extra_id_0>: ' cat'`), then the filled prompt."""
+        lines = [
+            f"{sentinel}: {'(not written)' if span is None else repr(span)}"
+            for sentinel, span in zip(self.sentinels, self.spans, strict=True)
+        ]
+        return "\n".join([*lines, self.filled])
+
+
+def sentinel_prompt(
+    tokenizer: Tokenizer, prompt: str, sentinels: list[str]
+) -> tuple[list[int], list[str], list[str]]:
+    """The prompt's ids with each literal sentinel as its id, its text around the sentinels,
+    and the sentinels in order. The one space before a sentinel is the span's (a byte-level
+    BPE writes a word after a space as one token with the space, which the sentinel replaced
+    in training)."""
+    known = set(sentinels)
+    pattern = "(" + "|".join(re.escape(s) for s in sorted(known, key=len, reverse=True)) + ")"
+    pieces = re.split(pattern, prompt)
+    texts, found = pieces[0::2], pieces[1::2]
+    if not found:
+        raise GenerationError(
+            f"the prompt has no sentinel: an encoder-decoder (model.arch: t5) fills sentinels "
+            f'such as {sentinels[0]}, e.g. --prompt "The {sentinels[0]} sat on the mat"'
+        )
+    texts = [t[:-1] if t.endswith(" ") else t for t in texts[:-1]] + [texts[-1]]
+    tokenizer.encode_special_tokens = False  # the sentinels in the prompt: their ids
+    ids: list[int] = []
+    for number, text in enumerate(texts):
+        if number:
+            ids.append(tokenizer.token_to_id(found[number - 1]))
+        if text:
+            ids += tokenizer.encode(text, add_special_tokens=False).ids
+    return ids, texts, found
+
+
+@torch.no_grad()
+def fill_sentinels(
+    loaded: LoadedModel,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+) -> SentinelFilling:
+    """The decoder's text for each sentinel of the prompt (encoder input: prompt + EOS)."""
+    model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.cfg
+    sentinels = cfg.spans.sentinel_tokens()
+    ids, texts, found = sentinel_prompt(tokenizer, prompt, sentinels)
+    eos, start = loaded.eos_id, tokenizer.token_to_id(cfg.spans.start_token)
+    if eos is None or start is None:
+        raise GenerationError("the run's tokenizer lacks its EOS or the decoder's start token")
+    memory = model.encode(torch.tensor([[*ids, eos]], dtype=torch.long))
+    generator = torch.Generator().manual_seed(seed)
+    written = [start]
+    vocab = model.config.vocab_size
+    for _ in range(max_new_tokens):
+        decoder_ids = torch.tensor([written], dtype=torch.long)
+        logits = model.decode(decoder_ids, memory)[:, -1, :vocab].float()
+        token = int(sample_next(logits, temperature, top_k, top_p, generator))
+        if token == eos:
+            break
+        written.append(token)
+    spans: dict[int, list[int]] = {}
+    current = None
+    sentinel_ids = {tokenizer.token_to_id(s): s for s in sentinels}
+    for token in written[1:]:
+        if token in sentinel_ids:
+            current = spans.setdefault(token, [])
+        elif current is not None:
+            current.append(token)
+    texts_of = {
+        sentinel_ids[token]: tokenizer.decode(tokens, skip_special_tokens=False)
+        for token, tokens in spans.items()
+    }
+    return SentinelFilling(texts, found, [texts_of.get(s) for s in found])

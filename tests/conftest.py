@@ -46,10 +46,21 @@ def bert_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, data, bert_data):
+def t5_data(tmp_path_factory) -> Path:
+    """The same corpus with a tokenizer that has span corruption's sentinels."""
+    from pretrain.config.schema import SpanConfig
+    from tests.training_support import write_data_dir
+
+    spans = SpanConfig()
+    tokens = (spans.start_token, *spans.sentinel_tokens())
+    return write_data_dir(tmp_path_factory.mktemp("t5_data") / "prepared", required_tokens=tokens)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, data, bert_data, t5_data):
     """`runs(name)`: the run directory of layout `name` of `training_support.LAYOUTS` after
     its complete 10-step run, trained the first time a test asks for it (an encoder's on
-    `bert_data`)."""
+    `bert_data`, an encoder-decoder's on `t5_data`)."""
     from tests.training_support import LAYOUTS, train
 
     root = tmp_path_factory.mktemp("runs")
@@ -58,7 +69,7 @@ def runs(tmp_path_factory, data, bert_data):
     def run(name: str) -> Path:
         if name not in done:
             nproc, overrides = LAYOUTS[name]
-            prepared = bert_data if name.startswith("bert") else data
+            prepared = {"bert": bert_data, "t5": t5_data}.get(name.split("-")[0], data)
             result = train(prepared, root / name, nproc, *overrides)
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
             (root / name / "stdout.log").write_text(result.stdout)

@@ -170,9 +170,10 @@ def test_encoder_and_targets_rebuild_the_sample_at_the_configured_lengths(
 def test_a_micro_batch_stacks_whole_samples_corrupted_for_their_index(t5_tokenizer, configs):
     spans = corruptor(t5_tokenizer, configs[128])
 
-    class Samples:  # sequences of sample_tokens - 1: a sample is sample_tokens long
+    class Samples:  # sequences of sample_tokens: a sample holds one more token, left out
         def sample(self, index: int) -> np.ndarray:
-            return sample(spans.sample_tokens, seed=index).astype(np.uint16)
+            tokens = sample(spans.sample_tokens, seed=index)
+            return np.append(tokens, 7).astype(np.uint16)
 
     encoder, decoder, targets = span_micro_batch(Samples(), [5, 9, 2], spans, "valid")
     assert encoder.shape == (3, 128) and decoder.shape == targets.shape == (3, 29)

@@ -517,3 +517,36 @@ def test_the_next_steps_batches_are_built_ahead_and_equal_a_build_on_the_spot():
     finally:
         release.set()
         prefetch.close()
+
+
+@pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
+def test_encoder_decoder_formula_matches_torch_flop_counter(feed_forward):
+    """A t5's FLOPs per encoder token, as torch counts them in Kiln's model's forward and
+    backward (encoder and decoder of different lengths and depths), are the formula's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pretrain.inference import single_process_group
+    from pretrain.model.encoder_decoder import EncoderDecoder
+
+    single_process_group()
+    model = ModelConfig(
+        arch="t5",
+        num_layers=2,
+        decoder_layers=3,
+        hidden_size=64,
+        num_heads=4,
+        ffn_hidden_size=96,
+        vocab_size=300,
+        max_seq_length=64,
+        feed_forward=feed_forward,
+    )
+    batch, encoder, decoder = 2, 40, 11
+    net = EncoderDecoder(model, seed=0)
+    inputs = torch.randint(0, 300, (batch, encoder))
+    outputs, targets = torch.randint(0, 300, (2, batch, decoder))
+    # the math kernel, whose matrix products torch counts (CPU flash attention is not counted)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        net(inputs, outputs, targets).backward()
+    measured = counter.get_total_flops() / (batch * encoder)
+    assert measured == pytest.approx(flops_per_token(model, encoder, 1, decoder), rel=1e-9)

@@ -19,6 +19,7 @@ from tests.conftest import run_kiln
 from tests.training_support import (
     BERT,
     LAYOUTS,
+    T5,
     logged_steps,
     losses,
     records,
@@ -55,6 +56,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
         ("bert-dp2", "bert-single"),
         ("bert-pp2", "bert-single"),
         ("bert-tp2-pp2", "bert-single"),
+        ("t5-tp2", "t5-single"),
+        ("t5-dp2", "t5-single"),
+        ("t5-dp2-zero3", "t5-single"),
     ],
 )
 def test_parallel_layout_matches_one_process(runs, name, reference):
@@ -76,12 +80,15 @@ def test_parallel_layout_matches_one_process(runs, name, reference):
         torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("name", ["dp2-zero1", "pp2", "dp2-bf16", "bert-dp2"])
-def test_sigkill_then_resume_gives_bit_identical_losses(runs, data, bert_data, tmp_path, name):
+@pytest.mark.parametrize("name", ["dp2-zero1", "pp2", "dp2-bf16", "bert-dp2", "t5-dp2"])
+def test_sigkill_then_resume_gives_bit_identical_losses(
+    runs, data, bert_data, t5_data, tmp_path, name
+):
     nproc, overrides = LAYOUTS[name]
     expected = losses(runs(name))
     run_dir = tmp_path / name
-    data = bert_data if name.startswith("bert") else data  # an encoder's masked-LM data
+    # an encoder's data has <mask>, an encoder-decoder's the sentinels
+    data = {"bert": bert_data, "t5": t5_data}.get(name.split("-")[0], data)
     # By step 8 step 3's save is complete; step 6's may still be under way in the background.
     code = train_until(data, run_dir, nproc, 8, signal.SIGKILL, *overrides)
     assert code == -signal.SIGKILL
@@ -291,4 +298,12 @@ def test_an_encoder_on_data_without_a_mask_token_is_refused_before_it_starts(dat
     result = train(data, tmp_path / "run", 1, *BERT)
     assert result.returncode == 2
     assert "has no <mask> token" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "logs").exists()  # no rank was started
+
+
+def test_an_encoder_decoder_on_data_without_sentinels_is_refused_before_it_starts(data, tmp_path):
+    result = train(data, tmp_path / "run", 1, *T5)
+    assert result.returncode == 2
+    assert "lacks 101 of the 102 tokens" in result.stderr and "<extra_id_0>" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "logs").exists()  # no rank was started

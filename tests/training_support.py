@@ -51,6 +51,17 @@ BERT = [
     "masking.probability=0.15",
 ]
 
+# A small T5-style encoder-decoder (span corruption; 64 encoder tokens from 71-token samples,
+# 15 decoder tokens), a decoder shallower than its encoder, and few position buckets so that
+# 64 tokens reach the logarithmic ones. Its data needs the sentinels (`t5_data`).
+T5 = [
+    "model.arch=t5",
+    "model.num_kv_heads=4",
+    "model.decoder_layers=2",
+    "model.relative_buckets=8",
+    "model.relative_max_distance=20",
+]
+
 # The runs the training tests compare, each trained once per test session (`runs` fixture):
 # name -> (processes, overrides on top of SMALL).
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
@@ -90,6 +101,11 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "bert-dp2": (2, [*BERT, "parallel.zero_stage=1"]),
     "bert-pp2": (2, [*BERT, "parallel.pipeline=2"]),
     "bert-tp2-pp2": (4, [*BERT, "parallel.tensor=2", "parallel.pipeline=2"]),
+    # A T5-style encoder-decoder: tensor parallelism (bias table split by head) and ZeRO.
+    "t5-single": (1, T5),
+    "t5-tp2": (2, [*T5, "parallel.tensor=2"]),
+    "t5-dp2": (2, [*T5, "parallel.zero_stage=1"]),
+    "t5-dp2-zero3": (2, [*T5, "parallel.zero_stage=3"]),
     # GPT (GPT-2's shape: every head its own K and V): tied embeddings, kept on the first and
     # the last stage; learned positions; biases.
     "gpt-single": (1, ["model.arch=gpt", "model.num_kv_heads=4"]),
@@ -100,11 +116,19 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
 }
 
 
-def write_data_dir(root: Path, documents: int = 400, mask_token: str | None = None) -> Path:
+def write_data_dir(
+    root: Path,
+    documents: int = 400,
+    mask_token: str | None = None,
+    required_tokens: tuple[str, ...] = (),
+) -> Path:
     """Real text through a real tokenizer into shards and a manifest, without Ray;
-    `mask_token` trains it in (an encoder's data)."""
+    `mask_token` trains it in (an encoder's data), and `required_tokens` (a t5's sentinels)."""
     _, _, texts = distinct_documents(seed=11, count=documents, min_words=40, max_words=200)
-    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=VOCAB, mask_token=mask_token))
+    settings = TokenizerConfig(
+        vocab_size=VOCAB, mask_token=mask_token, required_tokens=list(required_tokens)
+    )
+    tokenizer = train_tokenizer(texts, settings)
     root.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, root / "tokenizer.json")
     encoder = DocumentEncoder(tokenizer, "<|endoftext|>", max_piece_chars=100_000)

@@ -41,7 +41,7 @@ class BatchPrefetcher:
     def _prepared(self, position: int) -> list[Batch]:
         batches = self.build(position)
         if self.pin:
-            batches = [(inputs.pin_memory(), targets.pin_memory()) for inputs, targets in batches]
+            batches = [tuple(tensor.pin_memory() for tensor in batch) for batch in batches]
         return batches
 
     def close(self) -> None:

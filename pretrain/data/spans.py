@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from pretrain.config.schema import SpanConfig, span_count
+from pretrain.config.schema import KilnConfig, SpanConfig, span_count
 from pretrain.data.masking import SPLITS
 
 
@@ -167,11 +167,23 @@ def span_micro_batch(
     samples, indices: Iterable[int], corruptor: SpanCorruptor, split: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An encoder-decoder's micro-batch (encoder_inputs [B, E], decoder_inputs [B, D],
-    targets [B, D]): each whole sample (the data's sequences are sample_tokens - 1 long, so a
-    sample holds sample_tokens tokens), corrupted for its index."""
+    targets [B, D]): each sample's first sample_tokens tokens, corrupted for its index. The
+    data's sequences are sample_tokens long; a sample holds one more token, the next one's
+    first, which is left out, so that no token is read twice."""
     triples = [
-        corruptor(samples.sample(int(g)).astype(np.int64, copy=False), int(g), split)
+        corruptor(samples.sample(int(g))[:-1].astype(np.int64, copy=False), int(g), split)
         for g in indices
     ]
     encoder, decoder, targets = (np.stack(part) for part in zip(*triples, strict=True))
     return encoder, decoder, targets
+
+
+def sample_length(cfg: KilnConfig) -> int:
+    """The sequence length to build a run's samples with: train.seq_length, or for t5 the
+    tokens that span corruption turns into the encoder's train.seq_length
+    (`spans.sample_tokens`)."""
+    assert cfg.train.seq_length is not None and cfg.model is not None
+    if cfg.model.encoder_decoder:
+        assert cfg.spans.sample_tokens is not None
+        return cfg.spans.sample_tokens
+    return cfg.train.seq_length

@@ -17,6 +17,12 @@ k = num_kv_heads x head size (the width of K and of V), S = max sequence length:
     bert: as gpt (its embedding always tied), plus the masked-LM head: a dense layer
           h*h + h, a LayerNorm 2h and a bias per vocabulary row V.
 
+    t5 (encoder-decoder, no biases, RMSNorm weights only; with a = num_heads x head size = h):
+          encoder layer: attention 4*h*a, MLP 3*h*f (gated-gelu) or 2*h*f (relu), 2 norms 2h
+          decoder layer: as the encoder's, plus cross-attention 4*h*a and its norm h
+          whole model: L * encoder layer + L_dec * decoder layer + 2 * buckets * heads
+                       (a bias table per stack) + 2h (final norms) + V*h + V*h if untied
+
 `model.positions` may swap the default positions: learned ones add S*h, rotary ones nothing.
 
 This matches the published sizes: GPT-3 125M/350M/1.3B with V = 50257 and Llama-2 7B/13B
@@ -42,6 +48,9 @@ class ModelShape(Protocol):
     max_seq_length: int
     tie_embeddings: bool | None
     positions: str | None
+    decoder_layers: int | None
+    feed_forward: str | None
+    relative_buckets: int
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1) -> int:
@@ -59,6 +68,8 @@ def count_parameters(model: ModelShape, vocab_size: int | None = None) -> int:
     assert f is not None and kv_heads is not None, "count a validated ModelConfig"
     k = kv_heads * (h // model.num_heads)
 
+    if model.arch == "t5":
+        return encoder_decoder_parameters(model, vocab)
     if model.arch == "llama":
         attention = h * (h + 2 * k) + h * h
         mlp = 3 * h * f
@@ -75,6 +86,26 @@ def count_parameters(model: ModelShape, vocab_size: int | None = None) -> int:
     if model.arch == "bert":
         output_layer = h * h + h + 2 * h + vocab
     return n_layers * (attention + mlp + norms) + rest + output_layer
+
+
+def encoder_decoder_parameters(model: ModelShape, vocab: int) -> int:
+    """A t5's parameters (see the module docstring)."""
+    h, f = model.hidden_size, model.ffn_hidden_size
+    assert f is not None and model.decoder_layers is not None, "count a validated ModelConfig"
+    attention = 4 * h * h
+    mlp = (3 if model.feed_forward == "gated-gelu" else 2) * h * f
+    encoder_layer = attention + mlp + 2 * h
+    decoder_layer = encoder_layer + attention + h
+    tables = 2 * model.relative_buckets * model.num_heads
+    head = 0 if model.tie_embeddings else vocab * h
+    return (
+        model.num_layers * encoder_layer
+        + model.decoder_layers * decoder_layer
+        + tables
+        + 2 * h
+        + vocab * h
+        + head
+    )
 
 
 def human_count(n: int) -> str:

@@ -556,9 +556,13 @@ def attention_backend(
     heads, kv_heads = model.num_heads // tensor, model.num_kv_heads // tensor
     q = torch.empty(1, heads, seq_length, model.head_dim, dtype=dtype, device=device)
     kv = torch.empty(1, kv_heads, seq_length, model.head_dim, dtype=dtype, device=device)
+    # t5 adds its position bias (and a decoder's causal mask) to the scores
+    bias = None
+    if model.positions == "relative":
+        bias = torch.empty(1, heads, seq_length, seq_length, dtype=dtype, device=device)
     try:  # a private helper: the dispatcher's own choice, not a re-implementation of it
         choice = torch._fused_sdp_choice(
-            q, kv, kv, None, 0.0, model.causal, enable_gqa=kv_heads != heads
+            q, kv, kv, bias, 0.0, model.causal, enable_gqa=kv_heads != heads
         )
         return SDPBackend(choice).name.lower()
     except (AttributeError, RuntimeError, TypeError, ValueError):

@@ -37,7 +37,9 @@ from .optimizer import (
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-Batch = tuple[torch.Tensor, torch.Tensor]
+# A micro-batch: the model's inputs, then the targets. A decoder or encoder reads (ids,
+# targets); an encoder-decoder (encoder ids, decoder ids, targets).
+Batch = tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -211,8 +213,8 @@ class TrainEngine:
             loss = self.engine.train_batch(iter(micro_batches)).item()
         else:
             losses = []
-            for inputs, targets in micro_batches:
-                micro_loss = self.engine(inputs, targets)
+            for batch in micro_batches:
+                micro_loss = self.engine(*batch)
                 if poison:
                     micro_loss = micro_loss * float("nan")
                 self.guard.note_loss(micro_loss)  # no host sync: read once, at the step
@@ -261,7 +263,7 @@ class TrainEngine:
             return float(loss)
         self.engine.eval()
         try:
-            losses = [self.engine(inputs, targets).float() for inputs, targets in micro_batches]
+            losses = [self.engine(*batch).float() for batch in micro_batches]
         finally:
             self.engine.train()
         return self._data_parallel_mean(torch.stack(losses).mean())
@@ -279,4 +281,4 @@ class TrainEngine:
 
     def _to_device(self, batch: Batch) -> Batch:
         device = self.parallel.device
-        return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        return tuple(tensor.to(device, non_blocking=True) for tensor in batch)

@@ -17,6 +17,11 @@ for the preset sizes).
 per token and layer forward, three times that with backward, over the full S x S score
 matrix (as PaLM and Megatron count it; a causal kernel skips about half of it).
 
+An encoder-decoder (t5) counts per encoder token, as its throughput does: a sample of E
+encoder and D decoder tokens costs 6 x (encoder weights x E + decoder weights x D + the
+cross-attention's key/value weights x E, as they read the encoder's output, + the output
+layer x D) plus the scores, 12 * h * (L * E^2 + L_dec * (D^2 + D * E)), all divided by E.
+
 MFU = achieved model FLOP/s / (peak FLOP/s per device * devices). Recomputation
 (activation checkpointing) is not counted: MFU measures useful work only.
 """
@@ -57,10 +62,36 @@ def matmul_parameters(model: ModelConfig, tensor: int = 1) -> int:
     return count_parameters(model, vocab) - lookups
 
 
-def flops_per_token(model: ModelConfig, seq_length: int, tensor: int = 1) -> float:
-    """Training FLOPs (forward + backward) per token at sequence length `seq_length`."""
+def flops_per_token(
+    model: ModelConfig, seq_length: int, tensor: int = 1, decoder_length: int | None = None
+) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_length`; a t5's
+    per encoder token, with `decoder_length` decoder tokens per sample."""
+    if model.encoder_decoder:
+        assert decoder_length is not None, "a t5's FLOPs need the decoder's length"
+        return encoder_decoder_flops(model, seq_length, decoder_length, tensor) / seq_length
     attention = 12 * model.num_layers * model.hidden_size * seq_length
     return float(6 * matmul_parameters(model, tensor) + attention)
+
+
+def encoder_decoder_flops(
+    model: ModelConfig, encoder_length: int, decoder_length: int, tensor: int = 1
+) -> float:
+    """Training FLOPs of one t5 sample (see the module docstring)."""
+    h, f = model.hidden_size, model.ffn_hidden_size
+    assert f is not None and model.decoder_layers is not None
+    E, D = encoder_length, decoder_length  # noqa: N806 (the docstring's names)
+    mlp = (3 if model.feed_forward == "gated-gelu" else 2) * h * f
+    layer = 4 * h * h + mlp
+    cross_kv, cross_rest = 2 * h * h, 2 * h * h
+    output = padded_vocab_size(model.vocab_size, tensor) * h
+    weights = (
+        model.num_layers * layer * E
+        + model.decoder_layers * ((layer + cross_rest) * D + cross_kv * E)
+        + output * D
+    )
+    scores = 12 * h * (model.num_layers * E * E + model.decoder_layers * (D * D + D * E))
+    return float(6 * weights + scores)
 
 
 def peak_flops(device_name: str | None, precision: str) -> float | None:

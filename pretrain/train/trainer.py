@@ -30,6 +30,12 @@ from pretrain.data import (
 from pretrain.data.masking import Masker, MaskingError, masked_micro_batch
 from pretrain.data.prefetch import BatchPrefetcher
 from pretrain.data.sampling import micro_batch, rank_batch_indices
+from pretrain.data.spans import (
+    SpanCorruptionError,
+    SpanCorruptor,
+    sample_length,
+    span_micro_batch,
+)
 from pretrain.data.stream import read_manifest
 from pretrain.model.sizing import count_parameters, human_count
 from pretrain.model.transformer import attention_backend
@@ -64,13 +70,19 @@ class TrainingData:
                     f"{cfg.model.vocab_size}"
                 )
         self.sources = sources
-        self.train = build_train_samples(sources, cfg.train.seq_length, cfg.train.seed)
-        self.valid = build_validation_samples(sources, cfg.train.seq_length, cfg.train.seed)
+        length = sample_length(cfg)
+        self.train = build_train_samples(sources, length, cfg.train.seed)
+        self.valid = build_validation_samples(sources, length, cfg.train.seed)
         self.cfg, self.data_rank = cfg, data_rank
-        self.masker = None
-        if cfg.model.arch == "bert":  # the tokenizer is the same for every source (checked)
-            tokenizer_file = Path(sources[0][0]) / "tokenizer.json"
+        # the tokenizer is the same for every source (checked)
+        tokenizer_file = Path(sources[0][0]) / "tokenizer.json"
+        self.masker = self.corruptor = None
+        if cfg.model.arch == "bert":
             self.masker = Masker.for_tokenizer(tokenizer_file, cfg.masking, cfg.train.seed)
+        if cfg.model.encoder_decoder:
+            self.corruptor = SpanCorruptor.for_tokenizer(
+                tokenizer_file, cfg.spans, cfg.tokenizer.eos_token, cfg.train.seed
+            )
 
     def batches(self, first_sample: int, split: str = "train") -> list[Batch]:
         """The global batch of samples [first_sample, first_sample + global batch): this
@@ -89,11 +101,13 @@ class TrainingData:
                 par.data,
                 train.gradient_accumulation_steps,
             )
-            if self.masker is None:
-                inputs, targets = micro_batch(samples, indices)
+            if self.masker is not None:
+                arrays = masked_micro_batch(samples, indices, self.masker, split)
+            elif self.corruptor is not None:
+                arrays = span_micro_batch(samples, indices, self.corruptor, split)
             else:
-                inputs, targets = masked_micro_batch(samples, indices, self.masker, split)
-            out.append((torch.from_numpy(inputs), torch.from_numpy(targets)))
+                arrays = micro_batch(samples, indices)
+            out.append(tuple(torch.from_numpy(array) for array in arrays))
         return out
 
 
@@ -212,7 +226,9 @@ class Trainer:
         self.config_yaml = dump_config(cfg)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.last_step_s = 0.0  # recorded with each save: a stop needs a step and a save
-        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length, layout.tensor)
+        self.flops_per_token = flops_per_token(
+            cfg.model, cfg.train.seq_length, layout.tensor, cfg.spans.decoder_length
+        )
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self.peak = peak_flops(device_name, cfg.train.precision)
 
@@ -464,7 +480,7 @@ def train(run_dir: Path) -> int:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     try:
         trainer = Trainer(cfg, run_dir)
-    except (DataDirError, MaskingError, RunError, CheckpointError) as error:
+    except (DataDirError, MaskingError, SpanCorruptionError, RunError, CheckpointError) as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"kiln train: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
