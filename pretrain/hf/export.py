@@ -3,19 +3,23 @@
 From the checkpoint's layout-independent weights (any TP/PP/DP/ZeRO layout wrote them; the fp32
 master weights where the run trained in bf16/fp16) the folder gets
 
-    config.json                 LlamaForCausalLM (arch llama), GPT2LMHeadModel (arch gpt) or
-                                MegatronBertForMaskedLM (arch bert)
-    generation_config.json      the end-of-text token as BOS and EOS (decoders only)
+    config.json                 LlamaForCausalLM (arch llama), GPT2LMHeadModel (arch gpt),
+                                MegatronBertForMaskedLM (arch bert) or
+                                T5ForConditionalGeneration (arch t5; `write_config`)
+    generation_config.json      the end-of-text token as BOS and EOS (decoders), or as EOS with
+                                the decoder's start token as start and PAD (t5); none for bert
     model.safetensors           or model-0000N-of-0000M.safetensors + model.safetensors.index.json
                                 when larger than --max-shard-size
     tokenizer.json, tokenizer_config.json
                                 the run's tokenizer (`PreTrainedTokenizerFast`), with the
                                 end-of-text token as BOS and EOS (a decoder) or as EOS, the
-                                masking token as MASK and <|pad|> as PAD (bert)
+                                masking token as MASK and <|pad|> as PAD (bert), or as EOS, the
+                                decoder's start token (spans.start_token) as PAD and the
+                                sentinels as extra special tokens (t5)
 
-which `transformers.AutoModelForCausalLM.from_pretrained` (bert: `AutoModelForMaskedLM`) and
-`AutoTokenizer.from_pretrained` load offline. The folder is written beside OUT_DIR and renamed
-into place when complete.
+which `transformers.AutoModelForCausalLM.from_pretrained` (bert: `AutoModelForMaskedLM`, t5:
+`AutoModelForSeq2SeqLM`) and `AutoTokenizer.from_pretrained` load offline. The folder is
+written beside OUT_DIR and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pretrain.config import load_config
+from pretrain.config import ModelConfig, load_config
 from pretrain.inference import checkpoint_weights
 from pretrain.train.checkpoint import resolve_checkpoint
 from pretrain.train.weights import CheckpointError
@@ -99,21 +103,47 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -
 
 
 def write_tokenizer(
-    tokenizer_file: Path, eos_token: str, max_length: int, out: Path, encoder: dict | None = None
+    tokenizer_file: Path, eos_token: str, max_length: int, out: Path, special: dict | None = None
 ) -> None:
-    """A decoder's tokenizer has the end-of-text token as BOS and EOS; an encoder's
-    (`encoder`: its mask_token and pad_token) none as BOS."""
+    """A decoder's tokenizer has the end-of-text token as BOS and EOS; an encoder's or an
+    encoder-decoder's (`special`: bert's mask_token and pad_token, t5's pad_token and
+    extra_special_tokens) none as BOS."""
     from transformers import PreTrainedTokenizerFast
 
-    special = {"bos_token": eos_token} if encoder is None else encoder
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer_file),
         eos_token=eos_token,
         model_max_length=max_length,
         clean_up_tokenization_spaces=False,
-        **special,
+        **({"bos_token": eos_token} if special is None else special),
     )
     tokenizer.save_pretrained(str(out))
+
+
+def write_config(
+    config, model: ModelConfig, eos_id: int | None, pad_id: int | None, out: Path
+) -> None:
+    """config.json, and generation_config.json for a model that generates.
+
+    An untied t5 (T5 v1.1) gets `tie_word_embeddings: false` beside `scale_decoder_outputs:
+    false`: `transformers` 5 reads v1.1 from the second (its T5Config ties in memory
+    always), older releases from the first. Loading it, `transformers` 5 warns that
+    `shared.weight` and `lm_head.weight` "are both present in the checkpoints with different
+    values, so we will NOT tie them": that is the untied head meant, and cannot be silenced."""
+    from transformers import GenerationConfig
+
+    config.save_pretrained(str(out))
+    if model.encoder_decoder and not model.tie_embeddings:
+        file = out / "config.json"
+        written = json.loads(file.read_text())
+        written["tie_word_embeddings"] = False
+        file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    if model.causal:  # a masked LM does not generate
+        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(str(out))
+    elif model.encoder_decoder:  # T5's decoder starts from its padding token
+        GenerationConfig(
+            decoder_start_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id
+        ).save_pretrained(str(out))
 
 
 def export_hf(
@@ -124,8 +154,6 @@ def export_hf(
     overwrite: bool = False,
 ) -> dict:
     """Write the Hugging Face folder; what was written (for the command's summary)."""
-    from transformers import GenerationConfig
-
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out}: exists and is not empty; pass --overwrite to replace it")
@@ -146,14 +174,21 @@ def export_hf(
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
-    encoder = pad_id = None
+    special = pad_id = None
     if model.arch == "bert":
         if tokenizer.token_to_id(cfg.masking.token) is None:
             raise CheckpointError(f"{tokenizer_file}: no masking token {cfg.masking.token}")
-        encoder = {"mask_token": cfg.masking.token}
+        special = {"mask_token": cfg.masking.token}
         pad_id = tokenizer.token_to_id(PAD_TOKEN)
         if pad_id is not None:
-            encoder["pad_token"] = PAD_TOKEN
+            special["pad_token"] = PAD_TOKEN
+    if model.encoder_decoder:
+        sentinels = cfg.spans.sentinel_tokens()
+        for token in (cfg.spans.start_token, *sentinels):
+            if tokenizer.token_to_id(token) is None:
+                raise CheckpointError(f"{tokenizer_file}: no token {token} (spans section)")
+        special = {"pad_token": cfg.spans.start_token, "extra_special_tokens": sentinels}
+        pad_id = tokenizer.token_to_id(cfg.spans.start_token)
     config = hf_config(model, eos_id, torch_dtype, pad_id)  # refuses unexportable models first
     weights = checkpoint_weights(checkpoint)
     tensors = {
@@ -163,11 +198,9 @@ def export_hf(
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    config.save_pretrained(str(staging))
-    if model.causal:  # a masked LM does not generate
-        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(str(staging))
+    write_config(config, model, eos_id, pad_id, staging)
     files = write_weights(tensors, staging, max_bytes)
-    write_tokenizer(tokenizer_file, cfg.tokenizer.eos_token, model.max_seq_length, staging, encoder)
+    write_tokenizer(tokenizer_file, cfg.tokenizer.eos_token, model.max_seq_length, staging, special)
     for file in staging.iterdir():
         file.chmod(0o644)  # safetensors writes 0600; a model folder is meant to be shared
     if out.exists():

@@ -1,10 +1,13 @@
 """`kiln import-hf HF_DIR --config CONFIG --run-dir DIR`: continue pretraining a Hugging Face
-Llama, GPT-2 or MegatronBert (masked LM, as `model.arch: bert`) model with Kiln.
+Llama, GPT-2, MegatronBert (masked LM, as `model.arch: bert`) or T5 (`T5ForConditionalGeneration`
+v1.0 or v1.1, as `model.arch: t5`) model with Kiln.
 
 The model section of the run comes from the Hugging Face `config.json` (everything else from
-CONFIG and its overrides), and the weights become the run's step-0 checkpoint in Kiln's
-layout-independent form. `kiln train DIR/config.yaml --run-dir DIR` then starts from it in any
-parallel layout: every rank slices the weights for its own place, and Adam starts afresh.
+CONFIG and its overrides; a t5's `model.max_seq_length`, which T5's relative positions leave
+open, is 512 unless an override sets it), and the weights become the run's step-0
+checkpoint in Kiln's layout-independent form. `kiln train DIR/config.yaml --run-dir DIR` then
+starts from it in any parallel layout: every rank slices the weights for its own place, and
+Adam starts afresh.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from pretrain.train.weights import DESCRIPTION, FORMAT
 
 from .mapping import ConversionError, from_hf, model_settings
 
+# Model settings an imported checkpoint leaves open, which overrides may set.
+OPEN_MODEL_KEYS = {"t5": ("model.max_seq_length",)}
 # Buffers older `transformers` saved (GPT-2's causal mask, Llama's rotary frequencies, BERT's
 # position ids); MegatronBert's tied decoder (`cls.predictions.decoder.*`) is never read either.
 IGNORED_SUFFIXES = (
@@ -105,15 +110,21 @@ def check_same_tokenizer(folder: Path, data_dir: Path) -> str:
 
 
 def build_config(config_path: Path, overrides: list[str], settings: dict):
-    """CONFIG and its overrides, with the model section taken from the imported model."""
-    touched = [o for o in overrides if o.split("=", 1)[0].startswith("model.")]
+    """CONFIG and its overrides, with the model section taken from the imported model (and
+    the overrides of what it leaves open, `OPEN_MODEL_KEYS`)."""
+    open_keys = OPEN_MODEL_KEYS.get(settings["arch"], ())
+    chosen = [o for o in overrides if o.split("=", 1)[0].strip() in open_keys]
+    touched = [o for o in overrides if o.split("=", 1)[0].startswith("model.") and o not in chosen]
     if touched:
+        free = f" (only {', '.join(open_keys)} can be)" if open_keys else ""
         raise ConfigError(
-            f"{touched[0]}: the model comes from the imported checkpoint; it cannot be overridden"
+            f"{touched[0]}: the model comes from the imported checkpoint; it cannot be "
+            f"overridden{free}"
         )
     tree = read_tree(Path(config_path))
-    apply_overrides(tree, overrides)
-    tree["model"] = settings
+    apply_overrides(tree, [o for o in overrides if o not in chosen])
+    tree["model"] = dict(settings)
+    apply_overrides(tree, chosen)
     return validate_tree(tree)
 
 

@@ -1,5 +1,5 @@
-"""Kiln's weights and model settings <-> Hugging Face's `LlamaForCausalLM`, `GPT2LMHeadModel`
-and `MegatronBertForMaskedLM`.
+"""Kiln's weights and model settings <-> Hugging Face's `LlamaForCausalLM`, `GPT2LMHeadModel`,
+`MegatronBertForMaskedLM` and `T5ForConditionalGeneration`.
 
 Kiln keeps every projection separate (q, k, v; gate, up) and stores linear weights as
 [out, in], as `torch.nn.Linear` does, under the canonical names of `pretrain.model.transformer`.
@@ -13,12 +13,19 @@ Kiln keeps every projection separate (q, k, v; gate, up) and stores linear weigh
              `BertForMaskedLM`, whose LayerNorms come after each residual sum). Kiln has no
              token types: the export carries one all-zero token-type row (what Hugging Face adds
              for token_type_ids = 0), and an import takes only an all-zero table.
+    t5    -> T5ForConditionalGeneration: a one-to-one renaming (gate, up = `wi_0`, `wi_1`;
+             ReLU's fc = `wi`; each stack's bias table in its first layer, as T5 keeps it).
+             v1.1 (gated-GELU, untied head) and v1.0 (ReLU, tied head scaled by
+             hidden_size**-0.5) map both ways; `transformers` tells them apart by
+             `scale_decoder_outputs` (older releases by `tie_word_embeddings`).
 
 Conversions in both directions only rename, concatenate, split and transpose: a model taken
 from Hugging Face and written back gives identical tensors.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -121,18 +128,81 @@ def bert_names(model: ModelConfig) -> dict[str, str]:
     return names
 
 
+# Kiln name (in a block) -> T5 name (in `{stack}.block.{i}.layer.`). The encoder's layers are
+# self-attention (0) and MLP (1), the decoder's self-attention (0), cross-attention (1) and
+# MLP (2): the MLP's names are completed by `t5_names`.
+T5_SELF_ATTENTION = {
+    "attention_norm.weight": "0.layer_norm.weight",
+    "attention.q.weight": "0.SelfAttention.q.weight",
+    "attention.k.weight": "0.SelfAttention.k.weight",
+    "attention.v.weight": "0.SelfAttention.v.weight",
+    "attention.out.weight": "0.SelfAttention.o.weight",
+}
+T5_CROSS_ATTENTION = {
+    "cross_norm.weight": "1.layer_norm.weight",
+    "cross_attention.q.weight": "1.EncDecAttention.q.weight",
+    "cross_attention.k.weight": "1.EncDecAttention.k.weight",
+    "cross_attention.v.weight": "1.EncDecAttention.v.weight",
+    "cross_attention.out.weight": "1.EncDecAttention.o.weight",
+}
+T5_MLP = {
+    "gated-gelu": {"mlp.gate.weight": "wi_0.weight", "mlp.up.weight": "wi_1.weight"},
+    "relu": {"mlp.fc.weight": "wi.weight"},
+}
+T5_EMBEDDING = "shared.weight"
+T5_HEAD = "lm_head.weight"
+# Copies of `shared.weight` that `transformers` ties to it (older releases saved them), and
+# the cross-attention bias table old checkpoints carry and T5 never uses.
+T5_EMBEDDING_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+T5_UNUSED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+# An imported t5's max_seq_length unless the import's overrides set it: T5's relative
+# positions have no limit; this is the T5 paper's input length.
+T5_MAX_SEQ_LENGTH = 512
+
+
+def t5_names(model: ModelConfig) -> dict[str, str]:
+    """Kiln canonical name -> Hugging Face T5 name."""
+    assert model.feed_forward is not None and model.decoder_layers is not None
+    names = {"embedding.tokens.weight": T5_EMBEDDING}
+    if not model.tie_embeddings:
+        names["output.projection.weight"] = T5_HEAD
+    for stack, layers in (("encoder", model.num_layers), ("decoder", model.decoder_layers)):
+        decoder = stack == "decoder"
+        mlp = f"{2 if decoder else 1}."
+        per_layer = {
+            **T5_SELF_ATTENTION,
+            **(T5_CROSS_ATTENTION if decoder else {}),
+            "mlp_norm.weight": mlp + "layer_norm.weight",
+            **{
+                ours: f"{mlp}DenseReluDense.{theirs}"
+                for ours, theirs in T5_MLP[model.feed_forward].items()
+            },
+            "mlp.down.weight": mlp + "DenseReluDense.wo.weight",
+        }
+        for layer in range(layers):
+            for ours, theirs in per_layer.items():
+                names[f"{stack}.blocks.{layer}.{ours}"] = f"{stack}.block.{layer}.layer.{theirs}"
+        names[f"{stack}.position_bias.weight"] = (
+            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        )
+        names[f"{stack}.norm.weight"] = f"{stack}.final_layer_norm.weight"
+    return names
+
+
 # What each architecture is on the Hugging Face side: its name there and its positions.
 HF_FORMS = {
     "llama": ("Llama", "rotary"),
     "gpt": ("GPT-2", "learned"),
     "bert": ("MegatronBert", "learned"),
+    "t5": ("T5", "relative"),
 }
+POSITION_KINDS = {"rotary": "rotary", "learned": "learned absolute", "relative": "relative"}
 
 
 def check_exportable(model: ModelConfig) -> None:
     name, positions = HF_FORMS[model.arch]
     if model.positions != positions:
-        kind = "rotary" if positions == "rotary" else "learned absolute"
+        kind = POSITION_KINDS[positions]
         raise ConversionError(
             f"model.positions = {model.positions}: Hugging Face's {name} has {kind} position "
             f"embeddings only, so this {model.arch} model has no Hugging Face form"
@@ -154,6 +224,8 @@ def to_hf(model: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, tor
         tokens = weights["embedding.tokens.weight"]
         out[BERT_TOKEN_TYPES] = tokens.new_zeros(1, tokens.shape[1])  # type 0 adds nothing
         return out
+    if model.arch == "t5":
+        return {theirs: weights[ours] for ours, theirs in t5_names(model).items()}
     out = {theirs: weights[ours] for ours, theirs in GPT2_GLOBAL.items()}
     if not model.tie_embeddings:
         out["lm_head.weight"] = weights["output.projection.weight"]
@@ -187,6 +259,10 @@ def from_hf(model: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, t
                 "this model's outputs cannot be kept"
             )
         return {ours: take(theirs) for ours, theirs in bert_names(model).items()}
+    if model.arch == "t5":
+        names = t5_names(model)
+        check_t5_tensors(model, tensors, set(names.values()))
+        return {ours: take(theirs) for ours, theirs in names.items()}
     out = {ours: take(theirs) for ours, theirs in GPT2_GLOBAL.items()}
     if not model.tie_embeddings:
         out["output.projection.weight"] = take("lm_head.weight")
@@ -203,15 +279,74 @@ def from_hf(model: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, t
     return out
 
 
+def check_t5_tensors(model: ModelConfig, tensors: dict[str, torch.Tensor], used: set[str]) -> None:
+    """A T5 checkpoint Kiln's t5 holds whole: one embedding (its copies equal to it), a head
+    tied and scaled (v1.0) or its own (v1.1), and nothing else."""
+    shared = tensors.get(T5_EMBEDDING)
+    if shared is None:
+        raise ConversionError(f"the Hugging Face checkpoint has no tensor {T5_EMBEDDING}")
+    for copy in T5_EMBEDDING_COPIES:
+        if copy in tensors and not torch.equal(tensors[copy], shared):
+            raise ConversionError(
+                f"{copy} differs from {T5_EMBEDDING}: Kiln's t5 embeds the encoder's and the "
+                "decoder's tokens with one matrix"
+            )
+    head = tensors.get(T5_HEAD)
+    if model.tie_embeddings and head is not None and not torch.equal(head, shared):
+        raise ConversionError(
+            f"{T5_HEAD} differs from {T5_EMBEDDING} while scale_decoder_outputs is true: Kiln's "
+            "t5 scales the decoder's output only before a head tied to the embedding (T5 v1.0)"
+        )
+    if not model.tie_embeddings and head is None:
+        raise ConversionError(
+            f"the checkpoint has no {T5_HEAD} while scale_decoder_outputs is false: T5 v1.1 "
+            "has a head of its own, and Kiln takes no untied head it is not given"
+        )
+    known = used | {T5_HEAD, *T5_EMBEDDING_COPIES, *T5_UNUSED}
+    unknown = sorted(set(tensors) - known)
+    if unknown:
+        raise ConversionError(
+            f"the checkpoint has tensors Kiln's t5 has no place for: {unknown[:3]} "
+            f"({len(unknown)} in all)"
+        )
+
+
 # -- settings --------------------------------------------------------------------------------
 def hf_config(
     model: ModelConfig, eos_id: int | None, dtype: torch.dtype, pad_id: int | None = None
 ):
-    """The `transformers` configuration of the exported model (`pad_id`: bert's padding)."""
-    from transformers import GPT2Config, LlamaConfig, MegatronBertConfig
+    """The `transformers` configuration of the exported model (`pad_id`: bert's padding; t5's
+    padding and decoder start). A t5's in memory: `transformers` 5 always ties T5's head to
+    its embedding in memory and reads v1.1 from `scale_decoder_outputs` = False;
+    `pretrain.hf.export.write_config` writes `tie_word_embeddings: false` for it as well."""
+    from transformers import GPT2Config, LlamaConfig, MegatronBertConfig, T5Config
 
     check_exportable(model)
     dtype_name = str(dtype).removeprefix("torch.")
+    if model.arch == "t5":
+        config = T5Config(
+            vocab_size=model.vocab_size,
+            d_model=model.hidden_size,
+            d_kv=model.head_dim,
+            d_ff=model.ffn_hidden_size,
+            num_layers=model.num_layers,
+            num_decoder_layers=model.decoder_layers,
+            num_heads=model.num_heads,
+            relative_attention_num_buckets=model.relative_buckets,
+            relative_attention_max_distance=model.relative_max_distance,
+            dropout_rate=0.0,
+            layer_norm_epsilon=model.norm_eps,
+            initializer_factor=1.0,
+            feed_forward_proj=model.feed_forward,
+            is_encoder_decoder=True,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            decoder_start_token_id=pad_id,
+            tie_word_embeddings=bool(model.tie_embeddings),  # -> scale_decoder_outputs
+            dtype=dtype_name,
+        )
+        config.architectures = ["T5ForConditionalGeneration"]
+        return config
     common = dict(
         vocab_size=model.vocab_size,
         tie_word_embeddings=bool(model.tie_embeddings),
@@ -360,7 +495,54 @@ def model_settings(config) -> dict:
             "norm_eps": float(config.layer_norm_eps),
             "init_std": float(config.initializer_range),
         }
+    if config.model_type == "t5":
+        return t5_settings(config, refuse)
     raise ConversionError(
-        f"model_type = {config.model_type}: Kiln imports Llama (llama), GPT-2 (gpt2) and "
-        "MegatronBert (megatron-bert) models"
+        f"model_type = {config.model_type}: Kiln imports Llama (llama), GPT-2 (gpt2), "
+        "MegatronBert (megatron-bert) and T5 (t5) models"
     )
+
+
+# T5's (is_gated_act, dense_act_fn), derived from feed_forward_proj -> Kiln's feed_forward
+T5_FEED_FORWARD = {
+    (True, "gelu_new"): "gated-gelu",
+    (True, "gelu_pytorch_tanh"): "gated-gelu",
+    (False, "relu"): "relu",
+}
+
+
+def t5_settings(config, refuse: Callable[[str, object, str], ConversionError]) -> dict:
+    """Kiln's t5 of a `T5Config`: v1.1 (gated-GELU; `scale_decoder_outputs` false: an untied
+    head) or v1.0 (ReLU; true: the tied, scaled head). T5 has no position limit, so
+    max_seq_length is `T5_MAX_SEQ_LENGTH` unless the import's overrides set it."""
+    feed_forward = T5_FEED_FORWARD.get((config.is_gated_act, config.dense_act_fn))
+    if feed_forward is None:  # what T5's MLP runs: the activation derived or as saved
+        raise refuse(
+            "feed_forward_proj",
+            f"{config.feed_forward_proj} (dense_act_fn {config.dense_act_fn})",
+            "Kiln's t5 has gated-gelu (T5 v1.1) or relu (T5 v1.0)",
+        )
+    if config.d_kv * config.num_heads != config.d_model:
+        raise refuse(
+            "d_kv",
+            config.d_kv,
+            f"Kiln's head size is d_model / num_heads ({config.d_model} / {config.num_heads})",
+        )
+    scaled = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
+    return {
+        "arch": "t5",
+        "num_layers": config.num_layers,
+        "decoder_layers": config.num_decoder_layers,
+        "hidden_size": config.d_model,
+        "num_heads": config.num_heads,
+        "num_kv_heads": config.num_heads,
+        "ffn_hidden_size": config.d_ff,
+        "vocab_size": config.vocab_size,
+        "max_seq_length": T5_MAX_SEQ_LENGTH,
+        "positions": "relative",
+        "relative_buckets": config.relative_attention_num_buckets,
+        "relative_max_distance": config.relative_attention_max_distance,
+        "feed_forward": feed_forward,
+        "tie_embeddings": bool(scaled),
+        "norm_eps": float(config.layer_norm_epsilon),
+    }
