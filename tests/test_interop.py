@@ -380,6 +380,7 @@ def resume_from_step_9(source: Path, run_dir: Path) -> None:
         ("dp2-zero3", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=0"]),
         ("tp2-pp2", ["parallel.tensor=1", "parallel.pipeline=1", "parallel.zero_stage=3"]),
         ("bert-tp2-pp2", ["parallel.tensor=1", "parallel.pipeline=1", "parallel.zero_stage=1"]),
+        ("t5-tp2", ["parallel.tensor=1", "parallel.zero_stage=3"]),
     ],
     ids=[
         "tp2pp2-to-dp4-zero1",
@@ -387,14 +388,18 @@ def resume_from_step_9(source: Path, run_dir: Path) -> None:
         "dp2zero3-to-tp2pp2",
         "tp2pp2-to-dp4-zero3",
         "bert-tp2pp2-to-dp4-zero1",
+        "t5-tp2-to-dp4-zero3",
     ],
 )
-def test_a_checkpoint_resumes_under_another_layout(runs, data, bert_data, tmp_path, source, target):
+def test_a_checkpoint_resumes_under_another_layout(
+    runs, data, bert_data, t5_data, tmp_path, source, target
+):
     reference = runs(source)
     run_dir = tmp_path / "resharded"
     resume_from_step_9(reference, run_dir)
     _, source_overrides = LAYOUTS[source]
-    data = bert_data if source.startswith("bert") else data  # an encoder's masked-LM data
+    # an encoder's data has <mask>, an encoder-decoder's the sentinels
+    data = {"bert": bert_data, "t5": t5_data}.get(source.split("-")[0], data)
     result = train(data, run_dir, 4, *source_overrides, *target)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "resharded from" in result.stdout and "with its Adam state" in result.stdout
@@ -444,15 +449,18 @@ def kiln_eval(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("layout", ["single", "tp2-pp2"])
-def test_eval_equals_the_training_loops_validation_loss(runs, data, layout):
+@pytest.mark.parametrize("layout", ["single", "tp2-pp2", "t5-tp2"])
+def test_eval_equals_the_training_loops_validation_loss(runs, data, t5_data, layout):
     run_dir = runs(layout)
     final = [r for r in records(run_dir) if r["step"] == 10 and "val_loss" in r][-1]
     result = kiln_eval(str(run_dir))
     assert result["step"] == 10 and result["sequences"] == 2 * 8
     assert result["loss"] == pytest.approx(final["val_loss"], rel=1e-5)
     assert result["perplexity"] == pytest.approx(final["val_ppl"], rel=1e-4)
-    assert kiln_eval(str(run_dir), "--data", str(data))["loss"] == pytest.approx(result["loss"])
+    prepared = t5_data if layout.startswith("t5") else data
+    assert kiln_eval(str(run_dir), "--data", str(prepared))["loss"] == pytest.approx(result["loss"])
+    if layout.startswith("t5"):  # the span loss is over the decoder's 14 targets per sample
+        assert result["tokens"] == 2 * 8 * 14
 
 
 def test_eval_over_every_validation_sequence_and_bad_data(runs, data, tmp_path):

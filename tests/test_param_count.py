@@ -110,3 +110,36 @@ def test_human_count():
     assert human_count(6_738_415_616) == "6.74B"
     assert human_count(7_096_576) == "7.10M"
     assert human_count(999) == "999"
+
+
+def test_t5_base_preset_matches_the_released_t5_v1_1_base():
+    """google/t5-v1_1-base holds 247,577,856 parameters: Hugging Face's T5 of the preset's
+    shape (its lm_head untied, as v1.1's checkpoint is) counts the same, as does the formula,
+    and Kiln's own model holds that many with the vocabulary padded."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from pretrain.inference import single_process_group
+    from pretrain.model.encoder_decoder import EncoderDecoder
+
+    model = preset("t5-base")
+    config = T5Config(
+        vocab_size=model.vocab_size,
+        d_model=model.hidden_size,
+        d_kv=model.head_dim,
+        d_ff=model.ffn_hidden_size,
+        num_layers=model.num_layers,
+        num_decoder_layers=model.decoder_layers,
+        num_heads=model.num_heads,
+        feed_forward_proj=model.feed_forward,
+    )
+    with torch.device("meta"):
+        real = T5ForConditionalGeneration(config)
+    # the pinned transformers always ties lm_head in memory; v1.1's checkpoint has its own
+    untied_head = model.vocab_size * model.hidden_size
+    assert sum(p.numel() for p in real.parameters()) + untied_head == 247_577_856
+    assert count_parameters(model) == 247_577_856
+    single_process_group()
+    with torch.device("meta"):
+        kiln = EncoderDecoder(model, initialize=False)
+    padded = padded_vocab_size(model.vocab_size)
+    assert sum(p.numel() for p in kiln.parameters()) == count_parameters(model, padded)

@@ -304,6 +304,6 @@ def test_an_encoder_on_data_without_a_mask_token_is_refused_before_it_starts(dat
 def test_an_encoder_decoder_on_data_without_sentinels_is_refused_before_it_starts(data, tmp_path):
     result = train(data, tmp_path / "run", 1, *T5)
     assert result.returncode == 2
-    assert "lacks 101 of the 102 tokens" in result.stderr and "<extra_id_0>" in result.stderr
+    assert "lacks 100 of the 102 tokens" in result.stderr and "<extra_id_0>" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "logs").exists()  # no rank was started

@@ -51,8 +51,8 @@ BERT = [
     "masking.probability=0.15",
 ]
 
-# A small T5-style encoder-decoder (span corruption; 64 encoder tokens from 71-token samples,
-# 15 decoder tokens), a decoder shallower than its encoder, and few position buckets so that
+# A small T5-style encoder-decoder (span corruption; 64 encoder tokens from 70-token samples,
+# 14 decoder tokens), a decoder shallower than its encoder, and few position buckets so that
 # 64 tokens reach the logarithmic ones. Its data needs the sentinels (`t5_data`).
 T5 = [
     "model.arch=t5",

@@ -1,4 +1,5 @@
-"""A decoder-only transformer, Llama- or GPT-style, on megatron-core's tensor-parallel layers.
+"""A decoder-only (Llama, GPT) or encoder-only (BERT) transformer on megatron-core's
+tensor-parallel layers, and the layers a T5-style encoder-decoder (`encoder_decoder.py`) shares.
 
 Read top to bottom: initialisation, norms, rotary embedding, attention, MLP, block, embedding,
 output layer, the model. Shapes: batch B, sequence S, hidden h, tensor-parallel size T. Between
@@ -12,6 +13,8 @@ vocabulary too (embedding rows, output logits, cross entropy), padded to a multi
     bert:  as gpt, but attention is bidirectional, GELU exact, and the output is a masked-LM
            head: dense -> GELU -> LayerNorm -> the embedding matrix, plus a vocabulary bias
            (pre-LayerNorm blocks, as Megatron-LM's BERT and Hugging Face's MegatronBert)
+    t5:    RMSNorm, a relative position bias added to unscaled scores, no biases, gated-GELU
+           (v1.1) or ReLU (v1.0) MLP; its blocks are these, plus cross-attention
 
 The projections that read the same input are fused into one column-parallel layer (q, k and v
 into `qkv`; gate and up into `gate_up`): one matrix multiplication, and one tensor-parallel
