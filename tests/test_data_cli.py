@@ -316,3 +316,46 @@ def test_a_node_without_kiln_is_named_in_one_line(corpus_config, tmp_path):
     assert not (tmp_path / "out" / ".work" / "clean").exists() or not any(
         (tmp_path / "out" / ".work" / "clean").iterdir()
     )  # named before any work
+
+
+def t5_config(corpus_config: Path, tmp_path: Path, **tokenizer) -> Path:
+    """The corpus configuration with a t5 model: span corruption's tokens are needed."""
+    config = yaml.safe_load(corpus_config.read_text())
+    config["model"] = {
+        "arch": "t5",
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "vocab_size": 1024,
+        "max_seq_length": 128,
+    }
+    config["tokenizer"].update(tokenizer)
+    path = tmp_path / "t5.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_t5_configuration_trains_the_sentinels_into_the_tokenizer(
+    corpus_config, reference, tmp_path
+):
+    from tokenizers import Tokenizer
+
+    output = tmp_path / "out"
+    result = run_kiln(*prepare_command(t5_config(corpus_config, tmp_path), output)[1:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = Tokenizer.from_file(str(output / "tokenizer.json"))
+    special = {
+        added.content for added in tokenizer.get_added_tokens_decoder().values() if added.special
+    }
+    needed = {"<|pad|>", "<|endoftext|>", *(f"<extra_id_{i}>" for i in range(100))}
+    assert needed <= special
+    # a loaded tokenizer without them (the reference's has <|pad|>, no sentinel) is refused
+    plain = reference / "tokenizer.json"
+    refused = run_kiln(
+        *prepare_command(t5_config(corpus_config, tmp_path, path=str(plain)), tmp_path / "loaded")[
+            1:
+        ]
+    )
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "lacks 100 of the tokens span corruption (model.arch: t5) needs" in refused.stderr
+    assert "first <extra_id_0>" in refused.stderr and "Traceback" not in refused.stderr
