@@ -176,6 +176,7 @@ class SentinelFilling:
     texts: list[str]  # one more than there are sentinels
     sentinels: list[str]
     spans: list[str | None]
+    tokens: list[int]  # what the decoder wrote after its start token, EOS left out
 
     @property
     def filled(self) -> str:
@@ -260,4 +261,4 @@ def fill_sentinels(
         sentinel_ids[token]: tokenizer.decode(tokens, skip_special_tokens=False)
         for token, tokens in spans.items()
     }
-    return SentinelFilling(texts, found, [texts_of.get(s) for s in found])
+    return SentinelFilling(texts, found, [texts_of.get(s) for s in found], written[1:])

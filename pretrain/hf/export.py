@@ -103,11 +103,18 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -
 
 
 def write_tokenizer(
-    tokenizer_file: Path, eos_token: str, max_length: int, out: Path, special: dict | None = None
+    tokenizer_file: Path,
+    eos_token: str,
+    max_length: int,
+    out: Path,
+    special: dict | None = None,
+    append_eos: bool = False,
 ) -> None:
     """A decoder's tokenizer has the end-of-text token as BOS and EOS; an encoder's or an
     encoder-decoder's (`special`: bert's mask_token and pad_token, t5's pad_token and
-    extra_special_tokens) none as BOS."""
+    extra_special_tokens) none as BOS. `append_eos` (t5) ends every encoded text with EOS, as
+    Hugging Face's T5 tokenizer does and as Kiln's t5 encoder inputs end in training."""
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
@@ -117,6 +124,11 @@ def write_tokenizer(
         clean_up_tokenization_spaces=False,
         **({"bos_token": eos_token} if special is None else special),
     )
+    if append_eos:
+        eos = (eos_token, tokenizer.convert_tokens_to_ids(eos_token))
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"$A {eos_token}", pair=f"$A {eos_token} $B {eos_token}", special_tokens=[eos]
+        )
     tokenizer.save_pretrained(str(out))
 
 
@@ -200,7 +212,14 @@ def export_hf(
     staging.mkdir(parents=True)
     write_config(config, model, eos_id, pad_id, staging)
     files = write_weights(tensors, staging, max_bytes)
-    write_tokenizer(tokenizer_file, cfg.tokenizer.eos_token, model.max_seq_length, staging, special)
+    write_tokenizer(
+        tokenizer_file,
+        cfg.tokenizer.eos_token,
+        model.max_seq_length,
+        staging,
+        special,
+        append_eos=model.encoder_decoder,
+    )
     for file in staging.iterdir():
         file.chmod(0o644)  # safetensors writes 0600; a model folder is meant to be shared
     if out.exists():
