@@ -20,9 +20,11 @@ from tests.training_support import (
     BERT,
     LAYOUTS,
     T5,
+    assert_tensorboard_equals_metrics,
     logged_steps,
     losses,
     records,
+    tensorboard_scalars,
     train,
     train_until,
 )
@@ -58,6 +60,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
         ("bert-tp2-pp2", "bert-single"),
         ("t5-tp2", "t5-single"),
         ("t5-dp2", "t5-single"),
+        ("t5-dp2-zero2", "t5-single"),
         ("t5-dp2-zero3", "t5-single"),
     ],
 )
@@ -100,6 +103,8 @@ def test_sigkill_then_resume_gives_bit_identical_losses(
     assert losses(run_dir) == expected  # exact: bit-identical
     steps = [r["step"] for r in records(run_dir) if "loss" in r]
     assert steps == list(range(1, 11)), "each step logged once"
+    # TensorBoard too: the killed session's steps past the checkpoint were purged
+    assert_tensorboard_equals_metrics(run_dir)
 
 
 @pytest.mark.parametrize("name", ["dp2-zero1", "pp2"])
@@ -191,6 +196,10 @@ def test_nan_steps_are_skipped_and_logged(data, tmp_path, layout):
     assert by_step[3]["loss"] is None and by_step[4]["loss"] is None  # NaN is logged as null
     assert all(by_step[s]["loss"] is not None for s in (5, 6, 7, 8, 9, 10))
     assert "update skipped (2 in a row)" in result.stdout
+    # flagged for the dashboards too: in metrics.jsonl, TensorBoard and the log
+    assert [s for s, r in by_step.items() if r.get("alert_nonfinite")] == [3, 4]
+    assert sorted(tensorboard_scalars(run_dir)["alert_nonfinite"]) == [3, 4]
+    assert "step 3: alert nonfinite" in result.stdout
     assert "attention: scaled_dot_product_attention runs the flash_attention kernel" in (
         result.stdout
     )  # PyTorch's CPU flash kernel, for fp32 on CPU
@@ -307,3 +316,14 @@ def test_an_encoder_decoder_on_data_without_sentinels_is_refused_before_it_start
     assert "lacks 100 of the 102 tokens" in result.stderr and "<extra_id_0>" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "logs").exists()  # no rank was started
+
+
+def test_tensorboard_and_metrics_jsonl_hold_the_same_numbers(runs):
+    run_dir = runs("single")
+    assert_tensorboard_equals_metrics(run_dir)
+    final = [r for r in records(run_dir) if r["step"] == 10 and "loss" in r][-1]
+    for key in ("host_rss_mib", "data_wait_share", "tokens_per_s_per_device"):
+        assert final[key] > 0 or key == "data_wait_share", key
+    assert 0 <= final["data_wait_share"] < 1
+    saves = [r for r in records(run_dir) if "checkpoint_save_s" in r]
+    assert [r["step"] for r in saves] == [3, 6, 9]  # checkpoint.interval=3; the end's waits

@@ -105,6 +105,7 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "t5-single": (1, T5),
     "t5-tp2": (2, [*T5, "parallel.tensor=2"]),
     "t5-dp2": (2, [*T5, "parallel.zero_stage=1"]),
+    "t5-dp2-zero2": (2, [*T5, "parallel.zero_stage=2"]),
     "t5-dp2-zero3": (2, [*T5, "parallel.zero_stage=3"]),
     # GPT (GPT-2's shape: every head its own K and V): tied embeddings, kept on the first and
     # the last stage; learned positions; biases.
@@ -240,3 +241,38 @@ def logged_steps(run_dir: Path) -> set[int]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, list[float]]]:
+    """Every scalar of the run's TensorBoard event files as TensorBoard itself reads them
+    (its EventAccumulator, which drops the steps a resumed session purged): tag -> step ->
+    the values logged at that step."""
+    from tensorboard.backend.event_processing.event_accumulator import (
+        SCALARS,
+        EventAccumulator,
+    )
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={SCALARS: 0})
+    accumulator.Reload()
+    out: dict[str, dict[int, list[float]]] = {}
+    for tag in accumulator.Tags()["scalars"]:
+        for event in accumulator.Scalars(tag):
+            out.setdefault(tag, {}).setdefault(event.step, []).append(event.value)
+    return out
+
+
+def assert_tensorboard_equals_metrics(run_dir: Path) -> None:
+    """TensorBoard holds each step's numbers of metrics.jsonl once, with the same values."""
+    scalars = tensorboard_scalars(run_dir)
+    expected: dict[str, dict[int, float]] = {}
+    for record in records(run_dir):
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float) and value is not None:
+                expected.setdefault(key, {})[record["step"]] = float(value)
+    assert set(expected) <= set(scalars), set(expected) - set(scalars)
+    for tag, steps in expected.items():
+        logged = scalars[tag]
+        assert sorted(logged) == sorted(steps), f"{tag}: steps {sorted(logged)}"
+        for step, value in steps.items():
+            assert len(logged[step]) == 1, f"{tag} at step {step} logged {len(logged[step])}x"
+            assert logged[step][0] == np.float32(value), f"{tag} at step {step}"

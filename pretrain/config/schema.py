@@ -402,9 +402,28 @@ class WandbConfig(ConfigSection):
     name: str | None = None
 
 
+class AlertConfig(ConfigSection):
+    """Flags in metrics.jsonl and every dashboard: a loss above `loss_spike` x the running median
+    of the last `window` losses, a throughput below `throughput_drop` x its running median, and
+    a step skipped for a NaN/Inf loss or gradient. 0 switches a rule off."""
+
+    loss_spike: NonNegativeFloat = 2.0
+    throughput_drop: float = Field(default=0.5, ge=0.0, lt=1.0)
+    window: PositiveInt = Field(default=50, description="Steps the running medians cover.")
+    min_history: PositiveInt = Field(
+        default=10, description="Steps measured before a rule judges (the medians settle)."
+    )
+
+
 class LoggingConfig(ConfigSection):
     interval: PositiveInt = Field(default=10, description="Steps between log lines.")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    tensorboard: bool = Field(
+        default=True,
+        description="TensorBoard event files in the run directory's tensorboard/ (kiln dashboard "
+        "shows them live).",
+    )
+    alerts: AlertConfig = Field(default_factory=AlertConfig)
 
 
 class ClusterConfig(ConfigSection):

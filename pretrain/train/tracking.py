@@ -1,9 +1,12 @@
-"""Where metrics go: `metrics.jsonl` in the run directory, and Weights & Biases.
+"""Where metrics go: `metrics.jsonl` in the run directory, TensorBoard and Weights & Biases.
 
 `MetricsLog` appends one JSON object per line and flushes it, so a crash loses no line it
 wrote; on resume, `truncate_after(step)` drops the lines past the checkpoint so each step is
-logged once. `WandbTracker` wraps `wandb` (imported only when W&B is on); its run id lives in
-`run_dir/wandb_run_id`, so a resumed run continues the same W&B run. Call both on one rank.
+logged once. `TensorBoardSink` writes event files under `run_dir/tensorboard`; a resumed run
+first marks the steps past its checkpoint as purged (`SummaryWriter`'s purge_step), so
+TensorBoard shows each step once. `WandbTracker` wraps `wandb` (imported only when W&B is on);
+its run id lives in `run_dir/wandb_run_id`, so a resumed run continues the same W&B run. Call
+them on one rank.
 """
 
 from __future__ import annotations
@@ -88,6 +91,27 @@ class MetricsLog:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class TensorBoardSink:
+    """Scalars in TensorBoard event files, flushed at every step so that a dashboard shows
+    them live. `start_step`: the checkpoint a run resumed from (0: a fresh start); events of
+    later steps that an earlier session wrote are purged, as they are about to be rewritten."""
+
+    def __init__(self, log_dir: Path, start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Each finite number (booleans as 0/1) as a scalar of its own name."""
+        for key, value in json_safe(metrics).items():
+            if isinstance(value, bool | int | float) and value is not None:
+                self.writer.add_scalar(key, float(value), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class WandbTracker:

@@ -8,6 +8,7 @@ when SIGTERM or SIGINT arrives, and logs every step to `metrics.jsonl` (and W&B)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import signal
@@ -41,12 +42,13 @@ from pretrain.model.sizing import count_parameters, human_count
 from pretrain.model.transformer import attention_backend
 from pretrain.parallel.layout import Layout, init_distributed, pick_device, setup_parallel
 
+from .alerts import RunWatch
 from .checkpoint import CheckpointManager, TrainerState, describe_layout, fault_active
 from .engine import DTYPES, Batch, StepResult, TrainEngine, compile_enabled
 from .flops import flops_per_token, mfu, peak_flops
 from .schedule import lr_at
 from .state_pieces import StateLayout
-from .tracking import MetricsLog, WandbTracker
+from .tracking import MetricsLog, TensorBoardSink, WandbTracker
 from .weights import CheckpointError
 
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 3, 2
@@ -137,16 +139,18 @@ class StopRequest:
 
 
 class Reporter:
-    """Rank 0's outputs: metrics.jsonl, W&B, the progress bar and the log lines."""
+    """Rank 0's outputs: metrics.jsonl, TensorBoard, W&B, the progress bar and the log lines."""
 
     def __init__(self, cfg: KilnConfig, run_dir: Path, start_step: int, active: bool) -> None:
         self.cfg, self.active = cfg, active
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if active else None
-        self.wandb = None
+        self.wandb = self.tensorboard = None
         self.bar = None
         if not active:
             return
         self.metrics.truncate_after(start_step)
+        if cfg.logging.tensorboard:
+            self.tensorboard = TensorBoardSink(run_dir / "tensorboard", start_step)
         self.wandb = WandbTracker.start(
             run_dir, cfg.logging.wandb, cfg.model_dump(mode="json"), None
         )
@@ -168,6 +172,8 @@ class Reporter:
             return
         self.metrics.log(values, step)
         self.wandb.log(values, step)
+        if self.tensorboard is not None:
+            self.tensorboard.log(values, step)
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
@@ -180,6 +186,8 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
         self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self.wandb.finish()
 
 
@@ -187,6 +195,20 @@ def memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def system_metrics(device: torch.device) -> dict[str, float]:
+    """This process's resident host memory now, and on a GPU its utilisation (when NVML
+    answers) and the memory the caching allocator holds."""
+    import psutil
+
+    out = {"host_rss_mib": psutil.Process().memory_info().rss / 2**20}
+    if device.type == "cuda":
+        out["gpu_memory_reserved_mib"] = torch.cuda.memory_reserved(device) / 2**20
+        # needs NVML (pynvml); absent, the metric is left out rather than guessed
+        with contextlib.suppress(ModuleNotFoundError, RuntimeError):
+            out["gpu_utilization"] = float(torch.cuda.utilization(device))
+    return out
 
 
 class Trainer:
@@ -302,6 +324,7 @@ class Trainer:
             report.say(f"step {state.step}: validation loss {val:.4f} (before training)")
         streak = 0  # steps in a row skipped for divergence (fp16 overflows neither count nor reset)
         at_min_scale = False  # an fp16 overflow at the minimum loss scale is in the streak
+        watch = RunWatch(cfg.logging.alerts)
         while state.step < cfg.train.steps:
             started = time.perf_counter()
             lr = lr_at(state.step, cfg.optim, cfg.train.steps)
@@ -309,12 +332,18 @@ class Trainer:
             following = state.consumed_samples + cfg.train.global_batch_size
             last = state.step + 1 >= cfg.train.steps
             batches = self.prefetch.get(state.consumed_samples, None if last else following)
+            waited = time.perf_counter() - started
             result = self.engine.train_step(batches, lr, poison)
             elapsed = time.perf_counter() - started
             self.last_step_s = elapsed
             state.step += 1
             state.consumed_samples += cfg.train.global_batch_size
             values = self._step_metrics(result, lr, elapsed)
+            values["data_wait_share"] = waited / elapsed
+            alerts = watch.update(result.loss, values["tokens_per_s"], result.skipped)
+            for name, why in alerts.items():
+                values[f"alert_{name}"] = 1
+                report.say(f"step {state.step}: alert {name}: {why}")
             if result.diverged:
                 state.skipped_steps += 1
                 streak += 1
@@ -355,7 +384,10 @@ class Trainer:
                 report.say(format_line(state.step, cfg.train.steps, values))
             stopping = stop.agreed(self.parallel.device)
             if self.checkpoints.due(state.step, last_saved, stopping):
+                saving = time.perf_counter()
                 self.save(state, report, wait=stopping)
+                # the time the loop stood still for it (async: the copy to host memory)
+                report.log(state.step, {"checkpoint_save_s": time.perf_counter() - saving})
                 last_saved = state.step
             if stopping:
                 self.checkpoints.wait()
@@ -406,10 +438,12 @@ class Trainer:
             "lr": lr,
             "grad_norm": result.grad_norm,
             "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / world,
             "tflops_per_device": tflops,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, world),
             "step_time_s": elapsed,
             "memory_mib": memory_mib(self.parallel.device),
+            **system_metrics(self.parallel.device),
             "skipped": result.skipped,
             **(
                 {"overflow": result.overflow, "loss_scale": result.loss_scale}
