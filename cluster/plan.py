@@ -8,13 +8,22 @@ MPI/Slurm integration), while a per-node torchrun is what `srun`, a Kubernetes p
 terminal can all start; static ranks (node_rank x procs_per_node + local_rank) keep the tensor
 parallel groups inside a node. `--shutdown-timeout` gives ranks that received SIGTERM time to
 finish their checkpoint before torchrun kills them.
+
+The W&B API key is never part of the plan's environment: Slurm passes it from the submitting
+shell (`sbatch --export=ALL`), Kubernetes from a Secret (`secretKeyRef`), so it is written into
+no script, manifest or run directory. `check_wandb_key` refuses an online run that would start
+without one.
 """
 
 from __future__ import annotations
 
+import netrc
+import os
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pretrain.config import KilnConfig, load_config
 from pretrain.config.errors import ConfigError
@@ -22,6 +31,8 @@ from pretrain.config.errors import ConfigError
 RANK_MODULE = "pretrain.train.main"
 MASTER_PORT = 29500
 SHUTDOWN_TIMEOUT_S = 300
+WANDB_KEY = "WANDB_API_KEY"
+WANDB_HOST = "https://api.wandb.ai"
 
 
 @dataclass(frozen=True)
@@ -119,3 +130,46 @@ def build_plan(
     if cfg.logging.wandb.mode != "disabled":
         env["WANDB_MODE"] = cfg.logging.wandb.mode
     return cfg, LaunchPlan(scheduler, nodes, procs, gpus, Path(run_dir).resolve(), env=env)
+
+
+def wandb_key_source(environ: Mapping[str, str] | None = None) -> str | None:
+    """Where wandb would find its API key in `environ` (default: this process's environment):
+    WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE, else the netrc entry of the W&B host (the
+    NETRC file, ~/.netrc or ~/_netrc, as wandb reads them); None when nowhere. Never the key."""
+    environ = os.environ if environ is None else environ
+    for name in (WANDB_KEY, "WANDB_IDENTITY_TOKEN_FILE"):
+        if environ.get(name):
+            return name
+    home = Path(environ.get("HOME") or Path.home())
+    candidates = [Path(environ["NETRC"]).expanduser()] if environ.get("NETRC") else []
+    candidates += [home / ".netrc", home / "_netrc"]
+    path = next((c for c in candidates if c.is_file()), None)
+    host = urlsplit(environ.get("WANDB_BASE_URL") or WANDB_HOST).netloc
+    try:
+        entry = netrc.netrc(path).authenticators(host) if path and host else None
+    except (netrc.NetrcParseError, OSError):
+        return None
+    return str(path) if entry and entry[2] else None
+
+
+def check_wandb_key(
+    cfg: KilnConfig, scheduler: str, wandb_secret: str | None = None, submitting: bool = True
+) -> None:
+    """ConfigError (one line) when `logging.wandb.mode` is online and the ranks would get no
+    API key: on Kubernetes without a Secret (`--wandb-secret`), on Slurm when submitting from
+    an environment without one (the job's environment is the submitting shell's)."""
+    if cfg.logging.wandb.mode != "online":
+        return
+    if scheduler == "k8s" and not wandb_secret:
+        raise ConfigError(
+            "logging.wandb.mode = online: the pods need the W&B API key from a Kubernetes "
+            "Secret; create one (kubectl create secret generic wandb "
+            '--from-literal=api-key="$WANDB_API_KEY") and pass --wandb-secret wandb, or set '
+            "logging.wandb.mode=offline"
+        )
+    if scheduler == "slurm" and submitting and wandb_key_source() is None:
+        raise ConfigError(
+            f"logging.wandb.mode = online: no W&B API key here; export {WANDB_KEY} (sbatch "
+            "--export=ALL passes it to the job, nothing writes it to disk) or run `wandb login`, "
+            "or set logging.wandb.mode=offline"
+        )

@@ -5,6 +5,9 @@ directory; the entrypoint `kiln data prepare config.yaml` runs on the head node 
 tasks run across the cluster (it joins the running cluster, `ray.init(address="auto")`).
 `data.path` is made absolute at submission, so it must name storage the cluster's nodes share.
 Kiln must be installed on every node (`kiln` on the PATH of the Ray processes).
+The job's runtime_env is the working directory alone, no `env_vars`: the Ray processes keep the
+environment the cluster was started with, and data preparation logs nothing to W&B, so no API
+key is sent to Ray or written into the job directory.
 """
 
 from __future__ import annotations

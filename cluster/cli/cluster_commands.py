@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pretrain.config.errors import ConfigError
 from .config_commands import add_config_arguments
 
 SCHEDULERS = ("local", "slurm", "k8s", "ray")
+WANDB_SECRET_KEY = "api-key"  # the key of the W&B API key in the Secret of --wandb-secret
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -36,6 +38,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("--namespace", default="default", help="Kubernetes namespace.")
     submit.add_argument(
         "--volume-claim", metavar="PVC", help="Kubernetes: PVC holding the run directory."
+    )
+    submit.add_argument(
+        "--wandb-secret",
+        metavar="NAME",
+        help="Kubernetes: the Secret holding the W&B API key (the pods' WANDB_API_KEY).",
+    )
+    submit.add_argument(
+        "--wandb-secret-key",
+        default=WANDB_SECRET_KEY,
+        metavar="KEY",
+        help=f"Kubernetes: the key of the API key in that Secret (default {WANDB_SECRET_KEY}).",
     )
     submit.add_argument(
         "--dry-run", action="store_true", help="Write the script or manifest; submit nothing."
@@ -80,7 +93,7 @@ def _local_default(args: argparse.Namespace) -> int | None:
 
 
 def _submit_to(args: argparse.Namespace) -> int:
-    from cluster.plan import build_plan
+    from cluster.plan import build_plan, check_wandb_key
     from cluster.rundir import check_trainable, prepare_run_dir, write_submission
 
     run_dir = (args.run_dir or Path("runs") / Path(args.config).stem).resolve()
@@ -95,6 +108,8 @@ def _submit_to(args: argparse.Namespace) -> int:
         gpus_per_node=args.gpus_per_node,
         procs_per_node=args.procs_per_node or _local_default(args),
     )
+    # A dry run on Slurm submits nothing: the key is looked for where sbatch runs.
+    check_wandb_key(cfg, args.scheduler, args.wandb_secret, submitting=not args.dry_run)
     check_trainable(cfg)
     prepare_run_dir(cfg, run_dir, resume=True)
     print(
@@ -105,7 +120,14 @@ def _submit_to(args: argparse.Namespace) -> int:
         return _submit_local(plan, args.dry_run)
     if args.scheduler == "slurm":
         from cluster.grace import slurm_signal_lead
-        from cluster.slurm.batch import SlurmOptions, submit, write_script
+        from cluster.plan import wandb_key_source
+        from cluster.slurm.batch import (
+            EXPORT,
+            SlurmOptions,
+            sbatch_command,
+            submit,
+            write_script,
+        )
 
         lead = slurm_signal_lead(run_dir)
         options = SlurmOptions(
@@ -119,7 +141,12 @@ def _submit_to(args: argparse.Namespace) -> int:
         script = write_script(plan, options)
         print(f"batch script: {script}")
         print(f"stop signal {lead.seconds} s before the time limit ({lead.reason})")
+        if cfg.logging.wandb.mode == "online":
+            source = wandb_key_source()
+            where = f"from {source}" if source else "none here; submit where WANDB_API_KEY is"
+            print(f"W&B API key: {where} (the job gets sbatch's environment, {EXPORT})")
         if args.dry_run:
+            print(f"submit with: {shlex.join(sbatch_command(script))}")
             return 0
         job_id = submit(script)
         write_submission(run_dir, scheduler="slurm", job_id=job_id, script=str(script))
@@ -158,7 +185,7 @@ def _submit_k8s(args, cfg, plan, run_dir: Path) -> str | None:
         pytorchjob_manifest,
         write_manifest,
     )
-    from cluster.plan import RANK_MODULE, SHUTDOWN_TIMEOUT_S
+    from cluster.plan import RANK_MODULE, SHUTDOWN_TIMEOUT_S, WANDB_KEY
     from cluster.rundir import write_submission
 
     if not args.image:
@@ -168,6 +195,10 @@ def _submit_k8s(args, cfg, plan, run_dir: Path) -> str | None:
     # run directory and absolute data paths mean the same inside the pods.
     mount = str(run_dir.parent)
     grace = k8s_grace_period(run_dir)
+    # The pods read the W&B key from the Secret; its value never enters the manifest.
+    secret_env = (
+        {WANDB_KEY: (args.wandb_secret, args.wandb_secret_key)} if args.wandb_secret else {}
+    )
     manifest = pytorchjob_manifest(
         name=name,
         image=args.image,
@@ -184,6 +215,7 @@ def _submit_k8s(args, cfg, plan, run_dir: Path) -> str | None:
             f"{mount}/{run_dir.name}",
         ],
         env=plan.env,
+        secret_env=secret_env,
         cpu=None,
         memory=None,
         volume_claim=args.volume_claim,
@@ -194,6 +226,8 @@ def _submit_k8s(args, cfg, plan, run_dir: Path) -> str | None:
     path = write_manifest(manifest, run_dir / "pytorchjob.yaml")
     print(f"manifest: {path} (apply with: kubectl apply -f {path})")
     print(f"grace period {grace.seconds} s between SIGTERM and SIGKILL ({grace.reason})")
+    if secret_env:
+        print(f"W&B API key: from Secret {args.wandb_secret}, key {args.wandb_secret_key}")
     if args.dry_run:
         return None
     result = kubectl_apply(path)

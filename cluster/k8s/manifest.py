@@ -26,6 +26,10 @@ PR #1840):
   torchrun sets its workers' own RANK and WORLD_SIZE either way), PYTHONUNBUFFERED = 0.
 - initcontainer.go: Worker pods get an init container that waits until `<job>-master-0`
   resolves, so workers do not race the master's Service.
+
+Secrets (the W&B API key) reach the container as `valueFrom: {secretKeyRef: {name, key}}`
+entries of its env (`secret_env`): the kubelet reads the Secret when it starts the pod, and the
+manifest names the Secret, never its value.
 """
 
 from __future__ import annotations
@@ -131,12 +135,18 @@ def _pod_template(
     image: str,
     command_args: list[str],
     env: dict[str, str],
+    secret_env: dict[str, tuple[str, str]],
     resources: dict[str, Any],
     volume_claim: str | None,
     mount_path: str,
     grace_period_s: int,
 ) -> dict[str, Any]:
     """The pod template of every replica."""
+    variables = [{"name": k, "value": str(v)} for k, v in sorted(env.items())]
+    variables += [
+        {"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        for k, (secret, key) in sorted(secret_env.items())
+    ]
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     if volume_claim:
@@ -148,7 +158,7 @@ def _pod_template(
         "imagePullPolicy": "IfNotPresent",
         "command": ["torchrun"],
         "args": list(command_args),
-        "env": [{"name": k, "value": str(v)} for k, v in sorted(env.items())],
+        "env": variables,
         "ports": [{"name": PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"}],
     }
     if resources:
@@ -181,10 +191,16 @@ def pytorchjob_manifest(
     namespace: str = "default",
     mount_path: str = "/runs",
     grace_period_s: int = FLOOR_S,
+    secret_env: dict[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The PyTorchJob of a run: one pod per node, `gpus_per_node or procs_per_node` ranks each,
-    the run directory on the claim `volume_claim` mounted at `mount_path` on every pod."""
+    the run directory on the claim `volume_claim` mounted at `mount_path` on every pod;
+    `secret_env` maps a variable to the (Secret, key) the kubelet fills it from."""
     _check_arguments(nodes, gpus_per_node, procs_per_node, command_args)
+    secret_env = dict(secret_env or {})
+    both = sorted(set(env) & set(secret_env))
+    if both:
+        raise ValueError(f"env has {both[0]}: it comes from a Secret, its value stays out")
     if volume_claim and not PurePosixPath(run_dir).is_relative_to(mount_path):
         raise ValueError(
             f"run_dir = {run_dir}: must lie under mount_path {mount_path}, where the claim "
@@ -194,7 +210,15 @@ def pytorchjob_manifest(
     labels = {"app.kubernetes.io/name": "kiln", "kiln/run": job}
     resources = _resources(gpus_per_node, cpu, memory)
     template = _pod_template(
-        labels, image, command_args, env, resources, volume_claim, mount_path, grace_period_s
+        labels,
+        image,
+        command_args,
+        env,
+        secret_env,
+        resources,
+        volume_claim,
+        mount_path,
+        grace_period_s,
     )
     replica_counts = {"Master": 1, "Worker": nodes - 1}
     replicas = {

@@ -9,6 +9,11 @@ step's processes (`scancel --signal=TERM`), training saves a checkpoint and exit
 script requeues the job, which resumes from that checkpoint when it starts again. A preempted job
 (PreemptMode=REQUEUE) gets SIGTERM from Slurm directly, checkpoints the same way, and is
 requeued by Slurm; `--requeue` allows both.
+
+The job's environment is the submitting shell's: `sbatch --export=ALL` on the command line
+(not in the script, and over a site's `SBATCH_EXPORT`) hands it to slurmctld, which gives it to
+the batch shell and srun to the ranks. That is how WANDB_API_KEY reaches them; the script only
+exports the launch plan's variables and never holds the key.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from cluster.plan import LaunchPlan
 
 SCRIPT_NAME = "slurm.sbatch"
 SIGNAL_BEFORE_LIMIT_S = 90
+EXPORT = "--export=ALL"  # the submitting shell's environment, WANDB_API_KEY included
 
 
 class SlurmError(RuntimeError):
@@ -73,8 +79,9 @@ def render_script(plan: LaunchPlan, options: SlurmOptions) -> str:
     node_line = plan.node_command_line("$SLURM_NODEID", "$MASTER_ADDR", options.python)
     return f"""#!/bin/bash
 # Kiln training run {run_dir.name}: written by `kiln submit --scheduler slurm`.
-# Resubmit with `sbatch {run_dir}/{SCRIPT_NAME}`; a requeued or resubmitted job resumes from
-# the latest checkpoint in {run_dir}/checkpoints.
+# Resubmit with `sbatch {EXPORT} {run_dir}/{SCRIPT_NAME}` (from a shell with
+# WANDB_API_KEY when W&B is online: the job gets the submitting shell's environment); a
+# requeued or resubmitted job resumes from the latest checkpoint in {run_dir}/checkpoints.
 {chr(10).join(f"#SBATCH {d}" for d in directives)}
 set -uo pipefail
 cd {run_dir}
@@ -127,8 +134,13 @@ def _run(*command: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
+def sbatch_command(script: Path) -> list[str]:
+    """The command that submits `script` with this environment (see EXPORT)."""
+    return ["sbatch", "--parsable", EXPORT, str(script)]
+
+
 def submit(script: Path) -> str:
-    result = _run("sbatch", "--parsable", str(script))
+    result = _run(*sbatch_command(script))
     if result.returncode:
         raise SlurmError(f"sbatch refused the job: {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]
