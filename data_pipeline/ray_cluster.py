@@ -36,6 +36,7 @@ class RayCluster:
     nodes: int
     largest_node_cpus: int
     address: str  # "local" for Kiln's own Ray
+    dashboard_url: str | None = None  # the cluster's live Ray dashboard, when it runs one
 
 
 @contextmanager
@@ -70,11 +71,13 @@ def ray_session(address: str | None, work: Path) -> Iterator[RayCluster]:
         if address:
             probe_nodes(nodes, work)
         node_cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in nodes]
+        dashboard = ray.get_dashboard_url() if address else None  # Kiln's own Ray runs none
         yield RayCluster(
             cpus=max(1, int(ray.cluster_resources().get("CPU", 1))),
             nodes=len(nodes),
             largest_node_cpus=max([1, *node_cpus]),
             address=address or "local",
+            dashboard_url=f"http://{dashboard}" if dashboard else None,
         )
     finally:
         if started:

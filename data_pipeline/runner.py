@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -67,6 +68,9 @@ from .tokenizer import (
 
 __all__ = ["PrepareError", "prepare", "use_ray_token_auth_if_available"]
 
+# Told each stage's name, seconds, amount and unit as the stage ends (see `prepare`).
+StageReport = Callable[[str, float, int, str], None]
+
 WORK = ".work"
 PLAN_HEAD_START_S = 1.0  # a plan this quick is checked (and fails) before Ray starts
 
@@ -80,8 +84,10 @@ def prepare(
     overwrite: bool = False,
     show_progress: bool = True,
     keep_work: bool = False,
+    on_stage: StageReport | None = None,
 ) -> dict[str, Any]:
-    """Prepare `data.inputs` into shards under `output`; return the manifest."""
+    """Prepare `data.inputs` into shards under `output`; return the manifest. `on_stage` is
+    told each stage's measurements as the stage ends (dashboards)."""
     output = Path(output).absolute()  # workers on other nodes have other working directories
     with ThreadPoolExecutor(max_workers=1) as background:
         planning = background.submit(plan_parts, data)  # listing a large corpus takes a while
@@ -95,12 +101,14 @@ def prepare(
             import ray
 
             ray_seconds = time.perf_counter() - started
+            if cluster.dashboard_url:
+                print(f"Ray dashboard: {cluster.dashboard_url}", file=sys.stderr, flush=True)
             if plan is None:
                 plan = planning.result()
                 key = _claim_output(output, fingerprint(data, tokenizer, plan), overwrite)
                 if (output / MANIFEST).exists():
                     return atomic.read_json(output / MANIFEST)
-            job = PrepareJob(data, tokenizer, plan, output, cluster, show_progress)
+            job = PrepareJob(data, tokenizer, plan, output, cluster, show_progress, on_stage)
             job.timings["ray_start"] = round(ray_seconds, 3)
             try:
                 manifest = job.run(key, resolved_config)
@@ -176,6 +184,7 @@ class PrepareJob:
         output: Path,
         cluster: RayCluster,
         show_progress: bool,
+        on_stage: StageReport | None = None,
     ) -> None:
         self.data, self.tokenizer_cfg, self.plan = data, tokenizer, plan
         self.parts = plan.parts
@@ -186,6 +195,7 @@ class PrepareJob:
         self.show_progress = show_progress
         self.timings: dict[str, float] = {}
         self.throughput: dict[str, dict[str, Any]] = {}
+        self.on_stage = on_stage
 
     @property
     def exact_buckets(self) -> int:
@@ -249,6 +259,8 @@ class PrepareJob:
         yield meter
         self.timings[name] = round(time.perf_counter() - started, 3)
         self.throughput[name] = {"amount": meter.amount, "unit": unit}
+        if self.on_stage is not None:
+            self.on_stage(name, self.timings[name], meter.amount, unit)
 
     def _map(
         self,

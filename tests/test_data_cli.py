@@ -359,3 +359,23 @@ def test_a_t5_configuration_trains_the_sentinels_into_the_tokenizer(
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "lacks 100 of the tokens span corruption (model.arch: t5) needs" in refused.stderr
     assert "first <extra_id_0>" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_preparation_is_a_run_of_its_own_in_tensorboard(reference):
+    """Each stage's seconds as the manifest records them, one stage per step, then its counts
+    (the filters' removals per rule)."""
+    from tests.training_support import tensorboard_scalars
+
+    manifest = json.loads((reference / "manifest.json").read_text())
+    scalars = tensorboard_scalars(reference)
+    stages = {name: s for name, s in manifest["timings_s"].items() if name != "ray_start"}
+    logged = {name: scalars[f"stage/{name}/seconds"] for name in stages}
+    assert {name: list(v.values()) for name, v in logged.items()} == {
+        name: [[pytest.approx(seconds, abs=1e-3)]] for name, seconds in stages.items()
+    }
+    assert sorted(step for v in logged.values() for step in v) == list(range(1, len(stages) + 1))
+    counts = manifest["counts"]
+    final = len(stages) + 1
+    assert scalars["counts/kept"] == {final: [counts["kept"]]}
+    for rule, removed in counts["filtered"].items():
+        assert scalars[f"counts/filtered/{rule}"] == {final: [removed]}

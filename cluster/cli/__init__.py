@@ -16,12 +16,20 @@ from pretrain.config import ConfigError
 from . import (
     cluster_commands,
     config_commands,
+    dashboard_commands,
     data_commands,
     model_commands,
     train_commands,
 )
 
-SUBCOMMANDS = (config_commands, data_commands, train_commands, model_commands, cluster_commands)
+SUBCOMMANDS = (
+    config_commands,
+    data_commands,
+    train_commands,
+    model_commands,
+    cluster_commands,
+    dashboard_commands,
+)
 
 
 def kiln_version() -> str:
@@ -34,7 +42,7 @@ def kiln_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln",
-        description="Kiln: prepare data for, pretrain, and export decoder language models.",
+        description="Kiln: prepare data for, pretrain, and export language models.",
     )
     parser.add_argument("--version", action="version", version=f"kiln {kiln_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from pathlib import Path
 
 from pretrain.config import dump_config, load_config
@@ -81,6 +82,7 @@ def _prepare(args: argparse.Namespace) -> int:
     if cfg.data.path is None:
         raise ConfigError("data.path = None: set data.path or pass --output DIR")
     output = Path(cfg.data.path)
+    dashboard = StageDashboard(output / "tensorboard") if cfg.logging.tensorboard else None
     try:
         manifest = prepare(
             cfg.data,
@@ -91,10 +93,16 @@ def _prepare(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             show_progress=not args.no_progress and sys.stderr.isatty(),
             keep_work=args.keep_work,
+            on_stage=None if dashboard is None else dashboard.stage,
         )
+        if dashboard is not None:
+            dashboard.counts(manifest)
     except (InputError, PrepareError, TokenizerError) as error:
         print(f"kiln: {error}", file=sys.stderr)
         return 2
+    finally:
+        if dashboard is not None:
+            dashboard.close()
     write_text(output / "config.yaml", dump_config(cfg))
     console = Console()
     for table in summary_tables(manifest):
@@ -162,3 +170,46 @@ def _show_removed(directory: Path, kind: str, count: int) -> int:
 
 def _shorten(text: str, limit: int = 800) -> str:
     return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+class StageDashboard:
+    """A data preparation as a run of its own in TensorBoard (`kiln dashboard` shows it), in
+    the output directory's tensorboard/: each stage's seconds, amount and rate as it ends
+    (step = the order the stages ended in), then the manifest's counts. A rerun (a resume
+    after a kill) starts the record afresh: its first stage purges the earlier one's."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir, self.step = log_dir, 0
+        self.sink = None
+        self.lock = threading.Lock()  # exact dedup ends on a thread of its own
+
+    def stage(self, name: str, seconds: float, amount: int, unit: str) -> None:
+        values = {f"stage/{name}/seconds": seconds}
+        if amount:
+            values[f"stage/{name}/{unit}"] = amount
+            values[f"stage/{name}/{unit}_per_s"] = amount / max(seconds, 1e-9)
+        self._log(values)
+
+    def counts(self, manifest: dict) -> None:
+        if self.step == 0:  # the job was already complete: the record of the run that did it
+            return
+        values = {}
+        for key, value in manifest.get("counts", {}).items():
+            inner = value if isinstance(value, dict) else {"": value}  # per-rule removals
+            for rule, count in inner.items():
+                if isinstance(count, int | float):
+                    values["/".join(filter(None, ("counts", key, rule)))] = count
+        self._log(values)
+
+    def _log(self, values: dict) -> None:
+        with self.lock:
+            if self.sink is None:
+                from pretrain.train.tracking import TensorBoardSink
+
+                self.sink = TensorBoardSink(self.log_dir, start_step=0)
+            self.step += 1
+            self.sink.log(values, self.step)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
