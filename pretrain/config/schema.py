@@ -27,6 +27,7 @@ from pydantic import (
 from data_pipeline.config import ConfigSection, DataConfig, TokenizerConfig, rule_violation
 
 DEFAULT_VOCAB_SIZE = 32000
+MLFLOW_SCHEMES = ("http://", "https://", "sqlite:///")
 
 
 class ModelConfig(ConfigSection):
@@ -415,9 +416,38 @@ class AlertConfig(ConfigSection):
     )
 
 
+class MlflowConfig(ConfigSection):
+    """An MLflow run beside metrics.jsonl: the configuration as params, every step's metrics,
+    metrics.jsonl and config.yaml as artifacts at the end. Off while `tracking_uri` is None."""
+
+    tracking_uri: str | None = Field(
+        default=None,
+        description="An MLflow server (http:// or https://) or a local SQLite store "
+        "(sqlite:///PATH, which needs the full `mlflow` package); None: off.",
+    )
+    experiment: str = Field(default="kiln", min_length=1)
+    run_name: str | None = Field(default=None, description="None: MLflow picks a name.")
+    flush_interval_s: NonNegativeFloat = Field(
+        default=5.0,
+        description="Seconds between uploads of the metrics logged meanwhile (one batch); "
+        "0: every step.",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(MLFLOW_SCHEMES):
+            raise ValueError(
+                f"must start with one of {', '.join(MLFLOW_SCHEMES)} or be null (MLflow 3 "
+                "refuses file stores)"
+            )
+        return value
+
+
 class LoggingConfig(ConfigSection):
     interval: PositiveInt = Field(default=10, description="Steps between log lines.")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     tensorboard: bool = Field(
         default=True,
         description="TensorBoard event files in the run directory's tensorboard/ (kiln dashboard "

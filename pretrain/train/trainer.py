@@ -48,7 +48,7 @@ from .engine import DTYPES, Batch, StepResult, TrainEngine, compile_enabled
 from .flops import flops_per_token, mfu, peak_flops
 from .schedule import lr_at
 from .state_pieces import StateLayout
-from .tracking import MetricsLog, TensorBoardSink, WandbTracker
+from .tracking import MetricsLog, MlflowSink, TensorBoardSink, TrackingError, WandbTracker
 from .weights import CheckpointError
 
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 3, 2
@@ -139,25 +139,36 @@ class StopRequest:
 
 
 class Reporter:
-    """Rank 0's outputs: metrics.jsonl, TensorBoard, W&B, the progress bar and the log lines."""
+    """Rank 0's outputs: metrics.jsonl, TensorBoard, W&B, MLflow, the progress bar and the log
+    lines. An MLflow server that cannot be reached or refuses the run at the start ends this
+    rank with one line and exit code 2 (the launcher stops the others); one that fails later
+    is left for the rest of the session, with one line, while training goes on."""
 
     def __init__(self, cfg: KilnConfig, run_dir: Path, start_step: int, active: bool) -> None:
-        self.cfg, self.active = cfg, active
+        self.cfg, self.active, self.run_dir = cfg, active, run_dir
+        self.last_step = start_step
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if active else None
-        self.wandb = self.tensorboard = None
+        self.wandb = self.tensorboard = self.mlflow = None
         self.bar = None
         if not active:
             return
         self.metrics.truncate_after(start_step)
+        config_dict = cfg.model_dump(mode="json")
+        try:
+            self.mlflow = MlflowSink.start(run_dir, cfg.logging.mlflow, config_dict)
+        except TrackingError as error:
+            print(f"kiln train: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_BAD_INPUT) from None
         if cfg.logging.tensorboard:
             self.tensorboard = TensorBoardSink(run_dir / "tensorboard", start_step)
-        self.wandb = WandbTracker.start(
-            run_dir, cfg.logging.wandb, cfg.model_dump(mode="json"), None
-        )
+        self.wandb = WandbTracker.start(run_dir, cfg.logging.wandb, config_dict, None)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", leave=True)
+        if self.mlflow is not None:
+            how = "resumed" if self.mlflow.resumed else "started"
+            self.say(f"mlflow: {how} run {self.mlflow.run_id}: {self.mlflow.url}")
 
     def say(self, text: str) -> None:
         if not self.active:
@@ -170,10 +181,20 @@ class Reporter:
     def log(self, step: int, values: dict) -> None:
         if not self.active:
             return
+        self.last_step = max(self.last_step, step)
         self.metrics.log(values, step)
         self.wandb.log(values, step)
         if self.tensorboard is not None:
             self.tensorboard.log(values, step)
+        if self.mlflow is not None:
+            try:
+                self.mlflow.log(values, step)
+            except TrackingError as error:
+                self.mlflow = None
+                self.say(
+                    f"mlflow: {error}; no more MLflow logging in this session (metrics.jsonl "
+                    "has every step; a resume sends the steps the MLflow run lacks)"
+                )
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
@@ -186,6 +207,11 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
         self.metrics.close()
+        if self.mlflow is not None:
+            try:
+                self.mlflow.close(self.run_dir, finished=self.last_step >= self.cfg.train.steps)
+            except TrackingError as error:
+                self.say(f"mlflow: {error}")
         if self.tensorboard is not None:
             self.tensorboard.close()
         self.wandb.finish()
