@@ -237,3 +237,40 @@ def test_params_are_flat_text_within_mlflow_limits():
         "long": "x" * 6000,
         "empty": "{}",
     }
+
+
+def test_a_data_preparation_is_a_run_of_its_own(mlflow_server, tmp_path):
+    """`kiln data prepare` with MLflow on: a run named data-prepare with each stage's seconds
+    and the manifest's counts, FINISHED."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.corpus import distinct_documents, write_jsonl
+
+    _, _, texts = distinct_documents(seed=5, count=60)
+    write_jsonl(tmp_path / "corpus" / "part.jsonl", texts)
+    output = tmp_path / "out"
+    result = run_kiln(
+        "data",
+        "prepare",
+        str(CONFIGS / "data" / "demo.yaml"),
+        "--input",
+        str(tmp_path / "corpus"),
+        "--output",
+        str(output),
+        "tokenizer.vocab_size=512",
+        f"logging.mlflow.tracking_uri={mlflow_server}",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((output / "manifest.json").read_text())
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run((output / "mlflow_run_id").read_text().strip())
+    assert run.info.run_name == "data-prepare" and run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    stages = [name for name in manifest["timings_s"] if name != "ray_start"]
+    for name in stages:
+        assert metrics[f"stage/{name}/seconds"] == pytest.approx(manifest["timings_s"][name])
+    assert metrics["counts/kept"] == manifest["counts"]["kept"]
+    assert run.data.params["data.shards.max_tokens"] == "5000000"

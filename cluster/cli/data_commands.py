@@ -82,7 +82,16 @@ def _prepare(args: argparse.Namespace) -> int:
     if cfg.data.path is None:
         raise ConfigError("data.path = None: set data.path or pass --output DIR")
     output = Path(cfg.data.path)
-    dashboard = StageDashboard(output / "tensorboard") if cfg.logging.tensorboard else None
+    dashboard = None
+    if cfg.logging.tensorboard or cfg.logging.mlflow.tracking_uri:
+        from pretrain.train.tracking import TrackingError, check_reachable
+
+        try:
+            check_reachable(cfg.logging.mlflow.tracking_uri or "")
+        except TrackingError as error:
+            print(f"kiln: {error}", file=sys.stderr)
+            return 2
+        dashboard = StageDashboard(output, cfg)
     try:
         manifest = prepare(
             cfg.data,
@@ -173,14 +182,18 @@ def _shorten(text: str, limit: int = 800) -> str:
 
 
 class StageDashboard:
-    """A data preparation as a run of its own in TensorBoard (`kiln dashboard` shows it), in
-    the output directory's tensorboard/: each stage's seconds, amount and rate as it ends
-    (step = the order the stages ended in), then the manifest's counts. A rerun (a resume
-    after a kill) starts the record afresh: its first stage purges the earlier one's."""
+    """A data preparation as a run of its own in the dashboards: TensorBoard (the output
+    directory's tensorboard/, which `kiln dashboard` shows) and MLflow when configured. Each
+    stage's seconds, amount and rate as it ends (step = the order the stages ended in), then
+    the manifest's counts. A rerun (a resume after a kill) starts the TensorBoard record
+    afresh (its first stage purges the earlier one's) and continues the same MLflow run. The
+    sinks start at the first stage: before it the output directory is not yet claimed."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir, self.step = log_dir, 0
-        self.sink = None
+    def __init__(self, output: Path, cfg) -> None:
+        self.output, self.cfg, self.step = output, cfg, 0
+        self.sinks: list = []
+        self.mlflow = None
+        self.finished = False  # the manifest was written: the MLflow run is FINISHED
         self.lock = threading.Lock()  # exact dedup ends on a thread of its own
 
     def stage(self, name: str, seconds: float, amount: int, unit: str) -> None:
@@ -200,16 +213,49 @@ class StageDashboard:
                 if isinstance(count, int | float):
                     values["/".join(filter(None, ("counts", key, rule)))] = count
         self._log(values)
+        self.finished = True
 
     def _log(self, values: dict) -> None:
-        with self.lock:
-            if self.sink is None:
-                from pretrain.train.tracking import TensorBoardSink
+        from pretrain.train.tracking import TrackingError
 
-                self.sink = TensorBoardSink(self.log_dir, start_step=0)
+        with self.lock:
+            if self.step == 0:
+                self._start()
             self.step += 1
-            self.sink.log(values, self.step)
+            for sink in list(self.sinks):
+                try:
+                    sink.log(values, self.step)
+                except TrackingError as error:  # a dashboard outage never stops the job
+                    print(f"kiln: {error}; no more MLflow logging", file=sys.stderr)
+                    self.sinks.remove(sink)
+                    self.mlflow = None
+
+    def _start(self) -> None:
+        from pretrain.train.tracking import MlflowSink, TensorBoardSink, TrackingError
+
+        if self.cfg.logging.tensorboard:
+            self.sinks.append(TensorBoardSink(self.output / "tensorboard", start_step=0))
+        if self.cfg.logging.mlflow.tracking_uri:
+            mlflow = self.cfg.logging.mlflow.model_copy(
+                update={"run_name": self.cfg.logging.mlflow.run_name or "data-prepare"}
+            )
+            try:
+                self.mlflow = MlflowSink.start(
+                    self.output, mlflow, {"data": self.cfg.data.model_dump(mode="json")}
+                )
+            except TrackingError as error:
+                print(f"kiln: {error}; no MLflow logging", file=sys.stderr)
+            else:
+                self.sinks.append(self.mlflow)
 
     def close(self) -> None:
-        if self.sink is not None:
-            self.sink.close()
+        from pretrain.train.tracking import TrackingError
+
+        for sink in self.sinks:
+            try:
+                if sink is self.mlflow:
+                    sink.close(self.output, self.finished)
+                else:
+                    sink.close()
+            except TrackingError as error:
+                print(f"kiln: {error}", file=sys.stderr)
