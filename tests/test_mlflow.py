@@ -126,6 +126,13 @@ def test_a_run_logs_params_every_step_and_its_artifacts(data, mlflow_server, tmp
     assert artifacts == {"config.yaml", "metrics.jsonl"}
     logged = Path(client.download_artifacts(run_id, "metrics.jsonl", str(tmp_path)))
     assert logged.read_text() == (run_dir / "metrics.jsonl").read_text()
+    # the report: `kiln report` draws it and sends it to the run's MLflow run
+    reported = run_kiln("report", str(run_dir))
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    assert f"report: also in MLflow run {run_id}" in reported.stdout
+    drawn = {f"report/{p.name}" for p in (run_dir / "report").iterdir()}
+    assert "report/report.md" in drawn and "report/loss.png" in drawn
+    assert {entry.path for entry in client.list_artifacts(run_id, "report")} == drawn
 
 
 def test_resumes_continue_the_run_with_each_step_once(data, mlflow_server, tmp_path):

@@ -354,6 +354,19 @@ def _cancel(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from cluster.runs.report import write_report
 
-    path = write_report(_check_run(args.run))
+    run_dir = _check_run(args.run)
+    path = write_report(run_dir)
     print(f"report: {path}")
+    if (run_dir / "config.yaml").is_file():  # a run that logs to MLflow gets it there too
+        from pretrain.config import load_config
+        from pretrain.train.tracking import TrackingError, upload_report
+
+        mlflow = load_config(run_dir / "config.yaml").logging.mlflow
+        try:
+            run_id = upload_report(run_dir, mlflow, path.parent)
+        except TrackingError as error:
+            print(f"kiln report: {error}", file=sys.stderr)
+            return 2
+        if run_id is not None:
+            print(f"report: also in MLflow run {run_id} (artifacts report/)")
     return 0

@@ -314,6 +314,27 @@ class MlflowSink:
             raise TrackingError(f"logging.mlflow.tracking_uri = {uri}: {one_line(error)}") from None
 
 
+def upload_report(run_dir: Path, cfg: MlflowConfig, report_dir: Path) -> str | None:
+    """Log `report_dir` (what `kiln report` drew) as the run's MLflow artifacts under report/;
+    the MLflow run id, or None when the run does not log to MLflow. Raises TrackingError."""
+    run_id = read_run_id(Path(run_dir), MLFLOW_RUN_ID_FILE)
+    if cfg.tracking_uri is None or run_id is None:
+        return None
+    check_reachable(cfg.tracking_uri)
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=cfg.tracking_uri)
+        client.log_artifacts(run_id, str(report_dir), artifact_path="report")
+    except (MlflowException, requests.RequestException, OSError) as error:
+        raise TrackingError(
+            f"logging.mlflow.tracking_uri = {cfg.tracking_uri}: {one_line(error)}"
+        ) from None
+    return run_id
+
+
 def _stored_run(client: Any, run_id: str | None) -> Any:
     """The run `run_id` names, or None when there is none (no id, or a store without it)."""
     from mlflow.exceptions import MlflowException
