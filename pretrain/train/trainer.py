@@ -3,7 +3,8 @@
 Every rank runs `train(run_dir)`. The run directory holds the resolved `config.yaml` (written
 by `kiln train` before any process starts); the loop resumes from the latest checkpoint there,
 evaluates every `eval.interval` steps, saves every `checkpoint.interval` steps, at the end and
-when SIGTERM or SIGINT arrives, and logs every step to `metrics.jsonl` (and W&B) from rank 0.
+when SIGTERM or SIGINT arrives, and logs every step to `metrics.jsonl`, TensorBoard, W&B and
+MLflow (those configured) from rank 0, with system metrics and alerts (`alerts.py`).
 """
 
 from __future__ import annotations
