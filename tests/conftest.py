@@ -77,3 +77,20 @@ def runs(tmp_path_factory, data, bert_data, t5_data):
         return done[name]
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """megatron-core's parallel state in a world of one process, for a module's in-process
+    models; torn down after the module (other modules set up their own)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from pretrain.inference import single_process_group
+
+    started = not dist.is_initialized()
+    single_process_group()
+    yield
+    if started:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

@@ -8,15 +8,13 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.inference import single_process_group
 from pretrain.model.encoder_decoder import EncoderDecoder, relative_position_buckets
 
 VOCAB = 300
 
 
 @pytest.fixture(scope="module")
-def model() -> EncoderDecoder:
-    single_process_group()
+def model(one_process) -> EncoderDecoder:
     config = ModelConfig(
         arch="t5",
         num_layers=2,

@@ -33,7 +33,7 @@ def test_generate_refuses_an_encoder_decoder_prompt_without_a_sentinel(runs):
     assert result.stderr.count("\n") == 1 and "has no sentinel" in result.stderr
 
 
-def test_the_exported_model_generates_what_kiln_generates(runs, tmp_path):
+def test_the_exported_model_generates_what_kiln_generates(runs, tmp_path, one_process):
     """Greedy decoding of the exported T5ForConditionalGeneration (its tokenizer appends EOS,
     as T5's does and as Kiln's encoder inputs end) writes Kiln's tokens."""
     import torch

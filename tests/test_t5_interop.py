@@ -26,7 +26,7 @@ from pretrain.hf.mapping import (
     model_settings,
     to_hf,
 )
-from pretrain.inference import load_model, single_process_group
+from pretrain.inference import load_model
 from pretrain.model.build import build_model
 from pretrain.train.state_pieces import VOCAB_PADDED, canonical_parts
 from pretrain.train.weights import load_weights
@@ -55,8 +55,8 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group() -> None:
-    single_process_group()
+def process_group(one_process) -> None:
+    """Every test here builds models in this process."""
 
 
 def model_config(version: str) -> ModelConfig:

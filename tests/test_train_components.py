@@ -520,16 +520,14 @@ def test_the_next_steps_batches_are_built_ahead_and_equal_a_build_on_the_spot():
 
 
 @pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
-def test_encoder_decoder_formula_matches_torch_flop_counter(feed_forward):
+def test_encoder_decoder_formula_matches_torch_flop_counter(feed_forward, one_process):
     """A t5's FLOPs per encoder token, as torch counts them in Kiln's model's forward and
     backward (encoder and decoder of different lengths and depths), are the formula's."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pretrain.inference import single_process_group
     from pretrain.model.encoder_decoder import EncoderDecoder
 
-    single_process_group()
     model = ModelConfig(
         arch="t5",
         num_layers=2,

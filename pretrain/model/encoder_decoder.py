@@ -36,6 +36,7 @@ from .transformer import (
     attention_core,
     cross_entropy,
     fused_column,
+    init_stds,
     initializer,
     kernel,
     make_norm,
@@ -92,7 +93,7 @@ class RelativePositionBias(nn.Module):
         tensor = parallel.tensor_model_parallel_size
         heads = model.num_heads // tensor
         full = torch.empty(model.relative_buckets, model.num_heads, dtype=torch.float32)
-        initializer(parallel, model.init_std)(full)
+        initializer(parallel, init_stds(model).position_bias)(full)
         rank = parallel_state.get_tensor_model_parallel_rank()
         local = full[:, rank * heads : (rank + 1) * heads].to(parallel.params_dtype)
         self.weight = nn.Parameter(local.contiguous())
@@ -129,17 +130,20 @@ class CrossAttention(nn.Module):
         self.head_dim = model.head_dim
         self.heads = model.num_heads // tensor
         inner = model.num_heads * model.head_dim
+        stds = init_stds(model)
         self.q = tensor_parallel.ColumnParallelLinear(
             model.hidden_size,
             inner,
             config=parallel,
             tp_group=tp_group(),
-            init_method=initializer(parallel, model.init_std),
+            init_method=initializer(parallel, stds.q),
             bias=False,
             gather_output=False,
         )
-        self.kv = fused_column({"k": inner, "v": inner}, model.hidden_size, model, parallel, False)
-        self.out = residual_projection(inner, model, parallel)
+        self.kv = fused_column(
+            {"k": (inner, stds.kv), "v": (inner, stds.kv)}, model.hidden_size, parallel, False
+        )
+        self.out = residual_projection(inner, model, parallel, stds.attention_out)
         self.recompute_core = parallel.recompute_core
         self.core = kernel(attention_core, parallel.compile_kernels)
 

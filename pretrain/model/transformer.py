@@ -27,9 +27,13 @@ part of a fused layer on its own in order, and every layer is built under its ow
 (`seed`, layer index), so the same seed gives the same full weights for every tensor- and
 pipeline-parallel layout.
 
-Initialisation follows GPT-NeoX/Megatron: normal(0, init_std) everywhere, and
+Initialisation (`init_stds`) follows GPT-NeoX/Megatron: normal(0, init_std) everywhere, and
 normal(0, init_std / sqrt(2 * num_layers)) for the two projections that write into the residual
-stream (attention output, MLP down), so the residual's variance does not grow with depth.
+stream (attention output, MLP down), so the residual's variance does not grow with depth. A t5
+initialises as T5 (Mesh TensorFlow, Hugging Face's `_init_weights`), which its unscaled
+attention is made for: embedding 1, q (h d_head)^-1/2, k and v h^-1/2, attention output
+(heads d_head)^-1/2, MLP in h^-1/2, MLP out ffn^-1/2, position bias h^-1/2; its untied output
+layer h^-1/2 (Hugging Face draws it at 1, which starts from logits of std sqrt(h)).
 """
 
 from __future__ import annotations
@@ -89,17 +93,49 @@ def residual_std(model: ModelConfig) -> float:
     return model.init_std / math.sqrt(2.0 * model.num_layers)
 
 
+@dataclass(frozen=True)
+class InitStds:
+    """The standard deviation each kind of weight is drawn with (see the module docstring)."""
+
+    embedding: float
+    q: float
+    kv: float
+    attention_out: float
+    mlp_in: float
+    mlp_out: float
+    head: float
+    position_bias: float
+
+
+def init_stds(model: ModelConfig) -> InitStds:
+    if model.arch != "t5":
+        std, residual = model.init_std, residual_std(model)
+        return InitStds(std, std, std, residual, std, residual, std, std)
+    assert model.ffn_hidden_size is not None
+    h, inner = model.hidden_size, model.num_heads * model.head_dim
+    return InitStds(
+        embedding=1.0,
+        q=(h * model.head_dim) ** -0.5,
+        kv=h**-0.5,
+        attention_out=inner**-0.5,
+        mlp_in=h**-0.5,
+        mlp_out=model.ffn_hidden_size**-0.5,
+        head=h**-0.5,
+        position_bias=h**-0.5,
+    )
+
+
 def residual_projection(
-    in_features: int, model: ModelConfig, parallel: LayerConfig
+    in_features: int, model: ModelConfig, parallel: LayerConfig, std: float
 ) -> tensor_parallel.RowParallelLinear:
     """A row-parallel projection back to the hidden size, writing into the residual stream:
-    input features split across TP ranks, partial outputs summed, scaled initialisation."""
+    input features split across TP ranks, partial outputs summed."""
     return tensor_parallel.RowParallelLinear(
         in_features,
         model.hidden_size,
         config=parallel,
         tp_group=tp_group(),
-        init_method=initializer(parallel, residual_std(model)),
+        init_method=initializer(parallel, std),
         bias=model.biases,
         input_is_parallel=True,
         skip_bias_add=False,
@@ -147,31 +183,31 @@ class FusedPart:
 
 
 def fused_column(
-    parts: dict[str, int], in_features: int, model: ModelConfig, parallel: LayerConfig, bias: bool
+    parts: dict[str, tuple[int, float]], in_features: int, parallel: LayerConfig, bias: bool
 ) -> tensor_parallel.ColumnParallelLinear:
     """One column-parallel layer for several projections of the same input (`parts`: name ->
-    full output features). Rank t's weight is the concatenation of each part's t-th slice;
-    each part's full weight is drawn on its own, in order, as a separate layer's would be.
-    The weight (and bias) carries `fused_parts` for `projection_parts`."""
+    (full output features, init std)). Rank t's weight is the concatenation of each part's
+    t-th slice; each part's full weight is drawn on its own, in order, as a separate layer's
+    would be. The weight (and bias) carries `fused_parts` for `projection_parts`."""
     tensor = parallel.tensor_model_parallel_size
     layer = tensor_parallel.ColumnParallelLinear(
         in_features,
-        sum(parts.values()),
+        sum(size for size, _ in parts.values()),
         config=parallel,
         tp_group=tp_group(),
         init_method=_undrawn,
         bias=bias,
         gather_output=False,
     )
-    layout = tuple(FusedPart(name, size // tensor) for name, size in parts.items())
+    layout = tuple(FusedPart(name, size // tensor) for name, (size, _) in parts.items())
     for parameter in (layer.weight, layer.bias):
         if parameter is not None:
             parameter.fused_parts = layout
     if parallel.draw_weights:
         rank = parallel_state.get_tensor_model_parallel_rank()
-        draw = normal_init(model.init_std)
         slices = []
         for part in layout:  # megatron-core's CPU initialisation, one part at a time
+            draw = normal_init(parts[part.name][1])
             full = draw(torch.empty(part.rows * tensor, in_features, dtype=torch.float32))
             slices.append(full[rank * part.rows : (rank + 1) * part.rows])
         with torch.no_grad():
@@ -321,14 +357,14 @@ class Attention(nn.Module):
         self.head_dim = model.head_dim
         self.heads = model.num_heads // tensor
         self.kv_heads = model.num_kv_heads // tensor
+        stds = init_stds(model)
         self.qkv = fused_column(
             {
-                "q": model.num_heads * self.head_dim,
-                "k": model.num_kv_heads * self.head_dim,
-                "v": model.num_kv_heads * self.head_dim,
+                "q": (model.num_heads * self.head_dim, stds.q),
+                "k": (model.num_kv_heads * self.head_dim, stds.kv),
+                "v": (model.num_kv_heads * self.head_dim, stds.kv),
             },
             model.hidden_size,
-            model,
             parallel,
             bias=model.biases,
         )
@@ -339,7 +375,9 @@ class Attention(nn.Module):
             self.kv_heads * self.head_dim,
             self.kv_heads * self.head_dim,
         )
-        self.out = residual_projection(model.num_heads * self.head_dim, model, parallel)
+        self.out = residual_projection(
+            model.num_heads * self.head_dim, model, parallel, stds.attention_out
+        )
         self.rotary = (
             RotaryEmbedding(self.head_dim, model.max_seq_length, model.rope_base)
             if model.positions == "rotary"
@@ -377,9 +415,13 @@ class MLP(nn.Module):
         ffn = model.ffn_hidden_size
         activation = mlp_activation(model)
         self.gated = activation in (swiglu_of_fused, geglu_of_fused)
+        stds = init_stds(model)
         if self.gated:
             self.gate_up = fused_column(
-                {"gate": ffn, "up": ffn}, model.hidden_size, model, parallel, False
+                {"gate": (ffn, stds.mlp_in), "up": (ffn, stds.mlp_in)},
+                model.hidden_size,
+                parallel,
+                False,
             )
         else:
             self.fc = tensor_parallel.ColumnParallelLinear(
@@ -387,11 +429,11 @@ class MLP(nn.Module):
                 ffn,
                 config=parallel,
                 tp_group=tp_group(),
-                init_method=initializer(parallel, model.init_std),
+                init_method=initializer(parallel, stds.mlp_in),
                 bias=model.biases,
                 gather_output=False,
             )
-        self.down = residual_projection(model.ffn_hidden_size, model, parallel)
+        self.down = residual_projection(ffn, model, parallel, stds.mlp_out)
         self.recompute_core = parallel.recompute_core
         self.activation = kernel(activation, parallel.compile_kernels)
 
@@ -463,7 +505,7 @@ class Embedding(nn.Module):
         self.tokens = tensor_parallel.VocabParallelEmbedding(
             vocab,
             model.hidden_size,
-            init_method=initializer(parallel, model.init_std),
+            init_method=initializer(parallel, init_stds(model).embedding),
             config=parallel,
             tp_group=tp_group(),
         )
@@ -517,7 +559,7 @@ def output_layer(
         padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size),
         config=parallel,
         tp_group=tp_group(),
-        init_method=initializer(parallel, model.init_std),
+        init_method=initializer(parallel, init_stds(model).head),
         bias=False,
         gather_output=False,
         skip_weight_param_allocation=weightless,
