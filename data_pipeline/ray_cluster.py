@@ -50,9 +50,10 @@ def ray_session(address: str | None, work: Path) -> Iterator[RayCluster]:
 
     logging.getLogger("ray").setLevel(logging.ERROR)  # Kiln reports progress and errors itself
     started = False
+    dashboard = None
     if not ray.is_initialized():
         try:
-            ray.init(
+            context = ray.init(
                 address=address or "local",
                 include_dashboard=False,
                 logging_level=logging.ERROR,
@@ -66,12 +67,13 @@ def ray_session(address: str | None, work: Path) -> Iterator[RayCluster]:
                 "or RAY_AUTH_TOKEN)"
             ) from None
         started = True
+        # the cluster's dashboard, when it runs one (Kiln's own local Ray runs none)
+        dashboard = getattr(context, "dashboard_url", None) if address else None
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         if address:
             probe_nodes(nodes, work)
         node_cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in nodes]
-        dashboard = ray.get_dashboard_url() if address else None  # Kiln's own Ray runs none
         yield RayCluster(
             cpus=max(1, int(ray.cluster_resources().get("CPU", 1))),
             nodes=len(nodes),

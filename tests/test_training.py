@@ -80,7 +80,10 @@ def test_parallel_layout_matches_one_process(runs, name, reference):
     mine, theirs = final_weights(runs(name)), final_weights(runs(reference))
     assert mine.keys() == theirs.keys()
     for key in theirs:
-        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-5, msg=key)
+        # float32 rounding of another reduction order, in units of the tensor's own scale
+        # (a t5's embedding is drawn at std 1, the others at 0.02)
+        scale = max(1.0, float(theirs[key].abs().max()))
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-5 * scale, msg=key)
 
 
 @pytest.mark.parametrize("name", ["dp2-zero1", "pp2", "dp2-bf16", "bert-dp2", "t5-dp2"])
