@@ -79,11 +79,14 @@ def test_parallel_layout_matches_one_process(runs, name, reference):
             assert r["grad_norm"] == pytest.approx(norms[r["step"]], rel=1e-4)
     mine, theirs = final_weights(runs(name)), final_weights(runs(reference))
     assert mine.keys() == theirs.keys()
+    # float32 rounding of another reduction order, in units of the tensor's own scale (a t5's
+    # embedding is drawn at std 1, the others at 0.02); a t5 also has single elements whose
+    # near-zero gradients Adam's normalisation turns into update differences of ~1.5e-5 (losses
+    # and grad norms still agree to 1e-7)
+    atol = 3e-5 if name.startswith("t5") else 1e-5
     for key in theirs:
-        # float32 rounding of another reduction order, in units of the tensor's own scale
-        # (a t5's embedding is drawn at std 1, the others at 0.02)
         scale = max(1.0, float(theirs[key].abs().max()))
-        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-5 * scale, msg=key)
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=atol * scale, msg=key)
 
 
 @pytest.mark.parametrize("name", ["dp2-zero1", "pp2", "dp2-bf16", "bert-dp2", "t5-dp2"])
