@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.kiln-installed
 
-.PHONY: setup demo test lint format
+.PHONY: setup demo test test-fast lint format
 
 setup: $(STAMP)
 
@@ -30,8 +30,13 @@ demo: setup
 	$(VENV)/bin/kiln export $(DEMO_RUN) --to hf runs/demo/hf --overwrite
 	$(VENV)/bin/kiln generate $(DEMO_RUN) --prompt "def " --max-new-tokens 80 --temperature 0.7 --top-k 40
 
+# Everything, integration tests included: what CI runs (about 30 minutes on 2 cores).
 test: setup
 	$(PY) -m pytest tests
+
+# The unit tests only, in process (under 2 minutes): the loop while changing code.
+test-fast: setup
+	$(PY) -m pytest tests -m "not integration" -q
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -32,7 +32,7 @@ def kiln():
 @pytest.fixture(scope="session")
 def data(tmp_path_factory) -> Path:
     """A small prepared data directory (real tokenizer, shards, manifest), made once."""
-    from tests.training_support import write_data_dir
+    from tests.support.training import write_data_dir
 
     return write_data_dir(tmp_path_factory.mktemp("data") / "prepared")
 
@@ -40,7 +40,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bert_data(tmp_path_factory) -> Path:
     """The same corpus with a tokenizer that has the masked-LM objective's <mask> token."""
-    from tests.training_support import write_data_dir
+    from tests.support.training import write_data_dir
 
     return write_data_dir(tmp_path_factory.mktemp("bert_data") / "prepared", mask_token="<mask>")
 
@@ -49,7 +49,7 @@ def bert_data(tmp_path_factory) -> Path:
 def t5_data(tmp_path_factory) -> Path:
     """The same corpus with a tokenizer that has span corruption's sentinels."""
     from pretrain.config.schema import SpanConfig
-    from tests.training_support import write_data_dir
+    from tests.support.training import write_data_dir
 
     spans = SpanConfig()
     tokens = (spans.start_token, *spans.sentinel_tokens())
@@ -61,7 +61,7 @@ def runs(tmp_path_factory, data, bert_data, t5_data):
     """`runs(name)`: the run directory of layout `name` of `training_support.LAYOUTS` after
     its complete 10-step run, trained the first time a test asks for it (an encoder's on
     `bert_data`, an encoder-decoder's on `t5_data`)."""
-    from tests.training_support import LAYOUTS, train
+    from tests.support.training import LAYOUTS, train
 
     root = tmp_path_factory.mktemp("runs")
     done: dict[str, Path] = {}
