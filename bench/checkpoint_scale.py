@@ -56,7 +56,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pretrain.train.main import quiet_imports  # noqa: E402
+from pretrain.startup import quiet_imports  # noqa: E402
 
 LAYOUTS = {
     "dp4-zero1": ["parallel.zero_stage=1"],
@@ -164,7 +164,7 @@ def worker(rank: int, port: int, preset: str, name: str, seq_length: int, out: s
     import torch.distributed as dist
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    from pretrain.config import dump_config, load_config
+    from pretrain.config import dump_config, load_config, resolve_run
     from pretrain.parallel.layout import Layout, init_distributed, setup_parallel
     from pretrain.train.checkpoint import CheckpointManager, TrainerState
     from pretrain.train.engine import TrainEngine
@@ -172,7 +172,7 @@ def worker(rank: int, port: int, preset: str, name: str, seq_length: int, out: s
     from pretrain.train.trainer import state_layout
 
     root = Path(out) / name
-    cfg = load_config(Path(out) / "bench.yaml", LAYOUTS[name], world_size=WORLD)
+    cfg = resolve_run(load_config(Path(out) / "bench.yaml", LAYOUTS[name], world_size=WORLD))
     device = torch.device("cpu")
     init_distributed(device)
     par = cfg.parallel
@@ -318,11 +318,11 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pretrain.config import ModelConfig
+    from pretrain.config import ModelConfig, resolve_model
     from pretrain.model.sizing import count_parameters
 
     model = yaml.safe_load((REPO / "configs/model" / f"{args.preset}.yaml").read_text())["model"]
-    parameters = count_parameters(ModelConfig(**model))
+    parameters = count_parameters(resolve_model(ModelConfig(**model)))
     unique = parameters * 12
     args.out.mkdir(parents=True, exist_ok=True)
     config_file(args.preset, args.seq_length, args.out)

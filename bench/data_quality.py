@@ -33,13 +33,13 @@ sys.path.insert(0, str(REPO))
 from stdlib_text import stdlib_paragraphs  # noqa: E402  (bench/, beside this script)
 
 from data_pipeline.config import NearDedupConfig  # noqa: E402
-from data_pipeline.steps.dedup import (  # noqa: E402
+from data_pipeline.text.dedup import (  # noqa: E402
     MinHasher,
     candidate_pairs,
     estimated_jaccard,
     near_duplicates,
 )
-from data_pipeline.steps.measures import TextMeasures  # noqa: E402
+from data_pipeline.text.measures import TextMeasures  # noqa: E402
 
 KINDS = ("edit 1%", "edit 3%", "edit 5%", "edit 10%", "re-wrapped", "re-indented")
 

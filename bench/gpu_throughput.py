@@ -110,7 +110,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import step_timing  # noqa: E402
-from pretrain.train.main import quiet_imports  # noqa: E402
+from pretrain.startup import quiet_imports  # noqa: E402
 
 GIB = 2**30
 RATIO_GOAL = 1.03
@@ -248,7 +248,7 @@ class Bench:
         self.rows: list[dict] = []
 
     def config(self, shape: Shape, layers: int | None, micro: int, compile: bool, recompute: str):
-        from pretrain.config import load_config
+        from pretrain.config import load_config, resolve_run
 
         overrides = [
             f"train.precision={self.precision}",
@@ -265,7 +265,7 @@ class Bench:
             overrides.append(f"train.seq_length={seq_length}")
         if layers:
             overrides.append(f"model.num_layers={layers}")
-        return load_config(REPO / shape.config, overrides, world_size=1)
+        return resolve_run(load_config(REPO / shape.config, overrides, world_size=1))
 
     @contextlib.contextmanager
     def resident(self, cfg):

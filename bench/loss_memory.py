@@ -30,7 +30,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pretrain.train.main import quiet_imports  # noqa: E402
+from pretrain.startup import quiet_imports  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -82,11 +82,11 @@ def main() -> int:
     quiet_imports()
     from megatron.core import parallel_state
 
-    from pretrain.config import load_config
+    from pretrain.config import load_config, resolve_run
     from pretrain.model import transformer
-    from tests.distributed import free_port
+    from tests.support.distributed import free_port
 
-    cfg = load_config(Path(args.config), args.overrides, world_size=1)
+    cfg = resolve_run(load_config(Path(args.config), args.overrides, world_size=1))
     model_cfg = cfg.model
     seq, micro = cfg.train.seq_length, cfg.train.micro_batch_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pretrain.train.main import quiet_imports  # noqa: E402
+from pretrain.startup import quiet_imports  # noqa: E402
 
 MODES = ("none", "selective", "full")
 
@@ -53,10 +53,10 @@ def main() -> int:
     quiet_imports()
     from megatron.core import parallel_state
 
-    from pretrain.config import load_config
+    from pretrain.config import load_config, resolve_run
     from pretrain.model.transformer import Transformer
 
-    cfg = load_config(args.config, args.overrides, world_size=1)
+    cfg = resolve_run(load_config(args.config, args.overrides, world_size=1))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     models = {mode: Transformer(cfg.model, seed=cfg.train.seed, recompute=mode) for mode in MODES}

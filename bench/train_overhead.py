@@ -68,7 +68,7 @@ from bench.step_timing import (  # noqa: E402
     make_batches,
     single_process_group,
 )
-from pretrain.train.main import quiet_imports  # noqa: E402
+from pretrain.startup import quiet_imports  # noqa: E402
 
 
 def main() -> None:
@@ -84,11 +84,11 @@ def main() -> None:
 
     quiet_imports()
     device = choose_device(args.device)
-    from pretrain.config import load_config
+    from pretrain.config import load_config, resolve_run
     from pretrain.config.errors import ConfigError
 
     try:
-        cfg = load_config(args.config, args.overrides, world_size=1)
+        cfg = resolve_run(load_config(args.config, args.overrides, world_size=1))
     except ConfigError as error:
         sys.exit(str(error))
     par, train = cfg.parallel, cfg.train

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 from cluster.rundir import read_submission
+from data_pipeline.errors import KilnError
 
 
-class JobError(RuntimeError):
+class JobError(KilnError):
     """The scheduler could not answer, or the run was never submitted."""
 
 

@@ -16,6 +16,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+from data_pipeline.errors import KilnError
+
 STATES = {
     "PENDING": "pending",
     "RUNNING": "running",
@@ -25,7 +27,7 @@ STATES = {
 }
 
 
-class RayJobError(RuntimeError):
+class RayJobError(KilnError):
     """The Ray dashboard is unreachable or refused the request."""
 
 
@@ -56,15 +58,28 @@ def submit_prepare(address: str, job_dir: Path, name: str) -> str:
         raise RayJobError(f"Ray refused the job: {error}") from None
 
 
+# What the Job Submission API raises when the dashboard refuses a request (RuntimeError, e.g.
+# an unknown job id) or cannot be reached (requests' and aiohttp's connection errors).
+REQUEST_ERRORS = (RuntimeError, OSError)
+
+
 def job_state(address: str, job_id: str) -> tuple[str, str]:
-    raw = str(client(address).get_job_status(job_id).value)
+    jobs = client(address)
+    try:
+        raw = str(jobs.get_job_status(job_id).value)
+    except REQUEST_ERRORS as error:
+        raise RayJobError(f"Ray job {job_id} at {address}: {error}") from None
     return STATES.get(raw, raw.lower()), raw
 
 
 def logs(address: str, job_id: str, follow: bool) -> None:
     jobs = client(address)
     if not follow:
-        sys.stdout.write(jobs.get_job_logs(job_id))
+        try:
+            text = jobs.get_job_logs(job_id)
+        except REQUEST_ERRORS as error:
+            raise RayJobError(f"Ray job {job_id} at {address}: {error}") from None
+        sys.stdout.write(text)
         return
 
     async def tail() -> None:
@@ -76,4 +91,8 @@ def logs(address: str, job_id: str, follow: bool) -> None:
 
 
 def cancel(address: str, job_id: str) -> None:
-    client(address).stop_job(job_id)
+    jobs = client(address)
+    try:
+        jobs.stop_job(job_id)
+    except REQUEST_ERRORS as error:
+        raise RayJobError(f"Ray job {job_id} at {address}: {error}") from None

@@ -11,20 +11,21 @@ import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from pretrain.config import KilnConfig, dump_config
+from pretrain.config import KilnConfig, RunConfig, dump_config
 from pretrain.config.errors import ConfigError
 
 SUBMISSION = "submission.json"
+Config = TypeVar("Config", bound=KilnConfig)
 
 
-def check_trainable(cfg: KilnConfig) -> None:
-    """What must hold before processes start: a model, and prepared data where it says."""
-    if cfg.model is None:
-        raise ConfigError("model = None: a training configuration needs a model section")
+def check_trainable(cfg: RunConfig) -> None:
+    """What must hold before processes start (besides a model, which `resolve_run` made
+    sure of): prepared data where the configuration says, with the tokens the model's
+    objective needs."""
     if cfg.data.blend:
         paths = [entry.path for entry in cfg.data.blend]
         key = "data.blend"
@@ -53,13 +54,32 @@ def check_trainable(cfg: KilnConfig) -> None:
                 )
             except SpanCorruptionError as error:
                 raise ConfigError(str(error)) from None
-    cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else None
-    for entry in cfg.data.blend or []:
-        entry.path = str(Path(entry.path).resolve())
 
 
-def prepare_run_dir(cfg: KilnConfig, run_dir: Path, resume: bool) -> None:
-    """Write the resolved configuration and the tokenizer; check a resumed run's shape."""
+def with_absolute_data_paths(cfg: Config) -> Config:
+    """`cfg` with data.path and the data.blend paths made absolute (a copy; `cfg` is left as
+    it is). The ranks read the run directory's config.yaml from wherever their launcher
+    starts them (another working directory, another node), so a path relative to this
+    process's working directory would name other data there, or none."""
+    data = cfg.data
+    absolute = data.model_copy(
+        update={
+            "path": str(Path(data.path).resolve()) if data.path else None,
+            "blend": None
+            if data.blend is None
+            else [
+                entry.model_copy(update={"path": str(Path(entry.path).resolve())})
+                for entry in data.blend
+            ],
+        }
+    )
+    return cfg.model_copy(update={"data": absolute})
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
+    """Write the resolved configuration, its data paths made absolute
+    (`with_absolute_data_paths`), and the tokenizer; check a resumed run's shape. Returns
+    the configuration as written, the one every rank reads."""
     from data_pipeline.atomic import write_text
 
     checkpoint_pointer = run_dir / "checkpoints" / "latest"
@@ -85,11 +105,13 @@ def prepare_run_dir(cfg: KilnConfig, run_dir: Path, resume: bool) -> None:
                     "another --run-dir"
                 )
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = with_absolute_data_paths(cfg)
     write_text(run_dir / "config.yaml", dump_config(cfg))
     data_dir = Path(cfg.data.path or cfg.data.blend[0].path)
     manifest = yaml.safe_load((data_dir / "manifest.json").read_text())
     shutil.copyfile(data_dir / manifest["tokenizer"]["file"], run_dir / ".tokenizer.json.tmp")
     (run_dir / ".tokenizer.json.tmp").replace(run_dir / "tokenizer.json")
+    return cfg
 
 
 def write_submission(run_dir: Path, **fields: Any) -> dict:

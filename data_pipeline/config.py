@@ -1,7 +1,7 @@
 """Configuration sections owned by the data pipeline: `data` and `tokenizer`.
 
-`pretrain.config` composes these into the full run configuration; the data pipeline never
-imports `pretrain`, so the shared base class and the rule-violation helper live here.
+`pretrain.config` composes these into the full run configuration; the base class every
+section shares and the rule-violation helper are in `data_pipeline.config_base`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -18,27 +16,12 @@ from pydantic import (
     PositiveInt,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
-RULE_ERROR = "kiln_rule"
+from .config_base import ConfigSection, rule_violation
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 # n-gram sizes as mapping keys: YAML and JSON dumps write them as text, so "5" reads as 5.
 NgramSize = Annotated[int, Field(ge=1, le=64, strict=False)]
-
-
-def rule_violation(key: str, value: Any, rule: str) -> PydanticCustomError:
-    """An error for a cross-field rule: `key` is relative to the section that raises it."""
-    return PydanticCustomError(
-        RULE_ERROR, "{key} = {value}: {rule}", {"key": key, "value": value, "rule": rule}
-    )
-
-
-class ConfigSection(BaseModel):
-    """Base of every configuration section: unknown keys and wrong types are errors
-    (strict: `true` is not an integer and `"4"` is not a number), never ignored or coerced."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class BlendEntry(ConfigSection):
@@ -295,7 +278,8 @@ class TokenizerConfig(ConfigSection):
     min_frequency: PositiveInt = 2
 
     @model_validator(mode="after")
-    def _mask_is_special(self) -> TokenizerConfig:
+    def _resolve_special_tokens(self) -> TokenizerConfig:
+        """The objective's tokens (mask, required) are special tokens too."""
         needed = [self.mask_token] if self.mask_token is not None else []
         for token in [*needed, *self.required_tokens]:
             if token not in self.special_tokens:
@@ -309,3 +293,10 @@ class TokenizerConfig(ConfigSection):
                 "eos_token", self.eos_token, "must be one of tokenizer.special_tokens"
             )
         return self
+
+
+class ResolvedTokenizer(TokenizerConfig):
+    """A validated tokenizer section: its vocabulary size resolved (`pretrain.config` sets an
+    unset one to the model's, 32000 without a model)."""
+
+    vocab_size: PositiveInt

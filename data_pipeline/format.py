@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import KilnError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES: dict[type[np.number], int] = {
@@ -44,7 +46,7 @@ DTYPE_CODES: dict[type[np.number], int] = {
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(KilnError):
     """A file that is not a readable MMIDIDX shard."""
 
 

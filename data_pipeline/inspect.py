@@ -11,12 +11,13 @@ import numpy as np
 from rich.table import Table
 
 from . import atomic
+from .errors import KilnError
 from .format import ShardReader
 from .manifest import MANIFEST
 from .tokenizer import load_tokenizer
 
 
-class NotPreparedError(ValueError):
+class NotPreparedError(KilnError):
     """DIR holds no finished `kiln data prepare` output."""
 
 

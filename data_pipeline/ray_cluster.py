@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PrepareError
+from .errors import KilnError, PrepareError
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records itself
 PROBE_TIMEOUT_S = 120.0
@@ -232,11 +232,8 @@ def user_error(error: BaseException) -> BaseException | None:
     """The Kiln error (a one-line user mistake) a failed Ray task raised, if it was one."""
     import ray
 
-    from .readers import InputError
-    from .tokenizer import TokenizerError
-
     cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
-    return cause if isinstance(cause, InputError | TokenizerError | PrepareError) else None
+    return cause if isinstance(cause, KilnError) else None
 
 
 def log_failure(work: Path, error: BaseException) -> Path:

@@ -39,6 +39,7 @@ import zstandard
 from fsspec.registry import known_implementations
 
 from data_pipeline.config import InputConfig
+from data_pipeline.errors import KilnError
 from data_pipeline.records import Document, Malformed, Record
 
 STDLIB_URL = "stdlib://"
@@ -74,7 +75,7 @@ _OPEN_ERRORS = (OSError, ImportError, ValueError)
 _PARQUET_ERRORS = (OSError, pa.ArrowException, ValueError)
 
 
-class InputError(ValueError):
+class InputError(KilnError, ValueError):  # ValueError: as tested (test_readers)
     """A user mistake about an input path. `str(error)` is one line: `PATH: PROBLEM`.
 
     `InputError(path, problem)`, or `InputError(message)` for a message already whole.

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import atomic
-from .config import DataConfig, TokenizerConfig
+from .config import DataConfig, ResolvedTokenizer
 from .errors import PrepareError
 from .format import token_dtype
 from .manifest import MANIFEST, build_manifest, reconcile
@@ -77,7 +77,7 @@ PLAN_HEAD_START_S = 1.0  # a plan this quick is checked (and fails) before Ray s
 
 def prepare(
     data: DataConfig,
-    tokenizer: TokenizerConfig,
+    tokenizer: ResolvedTokenizer,
     output: Path,
     resolved_config: dict[str, Any],
     ray_address: str | None = None,
@@ -179,7 +179,7 @@ class PrepareJob:
     def __init__(
         self,
         data: DataConfig,
-        tokenizer: TokenizerConfig,
+        tokenizer: ResolvedTokenizer,
         plan: Plan,
         output: Path,
         cluster: RayCluster,

@@ -27,19 +27,19 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from . import atomic
-from .config import TokenizerConfig
+from .config import ResolvedTokenizer
+from .errors import KilnError
 from .format import token_dtype
 
 PAD_TOKEN = "<|pad|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(KilnError):
     """A tokenizer file that cannot be used, as one line."""
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], cfg: ResolvedTokenizer) -> Tokenizer:
     """Train a byte-level BPE of `cfg.vocab_size` entries (special tokens included)."""
-    assert cfg.vocab_size is not None, "tokenizer.vocab_size is resolved by validation"
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()

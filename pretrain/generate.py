@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from data_pipeline.errors import KilnError
 from pretrain.inference import LoadedModel, load_model
 from pretrain.model.transformer import Transformer
-from pretrain.sampling import check_sampling_args, sample_next
+from pretrain.token_sampling import check_sampling_args, sample_next
 
 MASK_CANDIDATES = 5  # an encoder's candidates per mask, unless --top-k says otherwise
 
 
-class GenerationError(ValueError):
+class GenerationError(KilnError):
     """The arguments are out of range."""
 
 
@@ -71,7 +72,10 @@ def generate_text(
     (`MaskFilling.render`); the sampling arguments are a decoder's."""
     if max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens = {max_new_tokens}: must be at least 1")
-    check_sampling_args(temperature, top_k, top_p)
+    try:
+        check_sampling_args(temperature, top_k, top_p)
+    except ValueError as error:  # a sampling option out of range, e.g. top_k = 0
+        raise GenerationError(str(error)) from None
     loaded = load_model(path)
     if loaded.cfg.model.encoder_decoder:
         filling = fill_sentinels(loaded, prompt, max_new_tokens, temperature, top_k, top_p, seed)

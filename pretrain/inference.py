@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 from tokenizers import Tokenizer
 from torch import nn
 
-from pretrain.config import KilnConfig, load_config
+from pretrain.config import RunConfig, load_config, resolve_run
 from pretrain.model.build import build_model
 from pretrain.train.checkpoint import resolve_checkpoint
 from pretrain.train.weights import CheckpointError, consolidated_weights, load_weights
@@ -26,7 +26,7 @@ from pretrain.train.weights import CheckpointError, consolidated_weights, load_w
 @dataclass
 class LoadedModel:
     model: nn.Module
-    cfg: KilnConfig
+    cfg: RunConfig
     checkpoint: Path
     tokenizer: Tokenizer
     eos_id: int | None
@@ -46,12 +46,18 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return consolidated_weights(checkpoint)
 
 
-def load_model(path: Path) -> LoadedModel:
-    """The model of a run directory's latest checkpoint (or of a checkpoint directory)."""
-    checkpoint = resolve_checkpoint(Path(path))
+def checkpoint_config(checkpoint: Path) -> RunConfig:
+    """The run configuration saved beside a checkpoint's weights."""
     cfg = load_config(checkpoint / "config.yaml")
     if cfg.model is None:
         raise CheckpointError(f"{checkpoint}/config.yaml has no model section")
+    return resolve_run(cfg)
+
+
+def load_model(path: Path) -> LoadedModel:
+    """The model of a run directory's latest checkpoint (or of a checkpoint directory)."""
+    checkpoint = resolve_checkpoint(Path(path))
+    cfg = checkpoint_config(checkpoint)
     tokenizer_file = checkpoint / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{checkpoint}: no tokenizer.json beside the weights")

@@ -39,5 +39,7 @@ def test_a_lower_layer_imports_no_higher_one(package):
 
 def test_the_check_sees_an_import_inside_a_function(tmp_path):
     module = tmp_path / "lazy.py"
-    module.write_text("def f():\n    from cluster.plan import RANK_MODULE\n    import pretrain.x\n")
+    module.write_text(
+        "def f():\n    from cluster.launch.plan import RANK_MODULE\n    import pretrain.x\n"
+    )
     assert imported_packages(module) == {(2, "cluster"), (3, "pretrain")}

@@ -2,6 +2,10 @@
 
 Subcommand modules import their heavy dependencies inside their handlers, so `kiln --help`
 and `kiln config ...` start fast and never load torch.
+
+Errors: a handler raises a `KilnError` for what the user can fix (a bad configuration, a
+missing file, a scheduler that does not answer); `main` catches it, once, and prints one line,
+`kiln COMMAND: MESSAGE`, with exit code 2. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from pretrain.config import ConfigError
+from data_pipeline.errors import KilnError
 
 from . import (
     cluster_commands,
@@ -51,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """`kiln data prepare`: the words that chose the handler, to start its error line."""
+    words = (args.command, getattr(args, "action", None))  # `kiln data` and `kiln config`
+    return " ".join(["kiln", *filter(None, words)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -64,9 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *overrides]
     try:
         return args.handler(args)
-    except ConfigError as error:
-        print(f"kiln: invalid configuration: {error}", file=sys.stderr)
-        return 2
+    except KilnError as error:  # what the user can fix: one line; anything else is a bug
+        print(error.line(command_name(args)), file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from data_pipeline.errors import KilnError
 from pretrain.config.errors import ConfigError
 
 from .config_commands import add_config_arguments
@@ -53,7 +54,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     submit.add_argument(
         "--dry-run", action="store_true", help="Write the script or manifest; submit nothing."
     )
-    submit.set_defaults(handler=_submit)
+    submit.set_defaults(handler=_submit)  # SlurmError, RayJobError: one line, exit code 2
 
     runs = commands.add_parser("runs", help="List runs with state, step and loss.")
     runs.add_argument("root", nargs="?", default="runs", type=Path, metavar="ROOT")
@@ -72,17 +73,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     logs.set_defaults(handler=_logs)
 
 
-def _submit(args: argparse.Namespace) -> int:
-    from cluster.ray_jobs import RayJobError
-    from cluster.slurm.batch import SlurmError
-
-    try:
-        return _submit_to(args)
-    except (SlurmError, RayJobError) as error:
-        print(f"kiln submit: {error}", file=sys.stderr)
-        return 1
-
-
 def _local_default(args: argparse.Namespace) -> int | None:
     """On this machine without --procs-per-node: as many processes as the layout needs."""
     if args.scheduler != "local" or args.gpus_per_node:
@@ -92,9 +82,10 @@ def _local_default(args: argparse.Namespace) -> int | None:
     return load_config(args.config, args.overrides).world_size
 
 
-def _submit_to(args: argparse.Namespace) -> int:
-    from cluster.plan import build_plan, check_wandb_key
+def _submit(args: argparse.Namespace) -> int:
+    from cluster.launch.plan import build_plan, check_wandb_key
     from cluster.rundir import check_trainable, prepare_run_dir, write_submission
+    from pretrain.config import resolve_run
 
     run_dir = (args.run_dir or Path("runs") / Path(args.config).stem).resolve()
     if args.scheduler == "ray":
@@ -110,17 +101,18 @@ def _submit_to(args: argparse.Namespace) -> int:
     )
     # A dry run on Slurm submits nothing: the key is looked for where sbatch runs.
     check_wandb_key(cfg, args.scheduler, args.wandb_secret, submitting=not args.dry_run)
-    check_trainable(cfg)
-    prepare_run_dir(cfg, run_dir, resume=True)
+    run = resolve_run(cfg)
+    check_trainable(run)
+    prepare_run_dir(run, run_dir, resume=True)
     print(
-        f"kiln submit: {cfg.model.arch} on {plan.nodes} node(s) x {plan.procs_per_node} "
+        f"kiln submit: {run.model.arch} on {plan.nodes} node(s) x {plan.procs_per_node} "
         f"process(es) = world {plan.world_size} ({args.scheduler}); run directory {run_dir}"
     )
     if args.scheduler == "local":
         return _submit_local(plan, args.dry_run)
     if args.scheduler == "slurm":
         from cluster.grace import slurm_signal_lead
-        from cluster.plan import wandb_key_source
+        from cluster.launch.plan import wandb_key_source
         from cluster.slurm.batch import (
             EXPORT,
             SlurmOptions,
@@ -163,7 +155,7 @@ def _submit_local(plan, dry_run: bool) -> int:
     import os
 
     from cluster.launch.local import launch_local
-    from cluster.plan import RANK_MODULE
+    from cluster.launch.plan import RANK_MODULE
     from cluster.rundir import write_submission
 
     if plan.nodes != 1:
@@ -185,7 +177,7 @@ def _submit_k8s(args, cfg, plan, run_dir: Path) -> str | None:
         pytorchjob_manifest,
         write_manifest,
     )
-    from cluster.plan import RANK_MODULE, SHUTDOWN_TIMEOUT_S, WANDB_KEY
+    from cluster.launch.plan import RANK_MODULE, SHUTDOWN_TIMEOUT_S, WANDB_KEY
     from cluster.rundir import write_submission
 
     if not args.image:
@@ -299,7 +291,7 @@ def _state(run_dir: Path) -> str | None:
 
     try:
         found = state_of(run_dir)
-    except Exception as error:  # noqa: BLE001 - a scheduler that cannot answer is a state too
+    except KilnError as error:  # a scheduler that cannot answer is a state too
         return f"unknown ({error})"
     return None if found is None else found[0]
 
@@ -341,13 +333,9 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from cluster.jobs import JobError, cancel
+    from cluster.jobs import cancel
 
-    try:
-        print(cancel(_check_run(args.run)))
-    except JobError as error:
-        print(f"kiln cancel: {error}", file=sys.stderr)
-        return 1
+    print(cancel(_check_run(args.run)))  # JobError, SlurmError, RayJobError: one line
     return 0
 
 
@@ -359,14 +347,10 @@ def _report(args: argparse.Namespace) -> int:
     print(f"report: {path}")
     if (run_dir / "config.yaml").is_file():  # a run that logs to MLflow gets it there too
         from pretrain.config import load_config
-        from pretrain.train.tracking import TrackingError, upload_report
+        from pretrain.train.tracking import upload_report
 
         mlflow = load_config(run_dir / "config.yaml").logging.mlflow
-        try:
-            run_id = upload_report(run_dir, mlflow, path.parent)
-        except TrackingError as error:
-            print(f"kiln report: {error}", file=sys.stderr)
-            return 2
+        run_id = upload_report(run_dir, mlflow, path.parent)  # TrackingError: one line
         if run_id is not None:
             print(f"report: also in MLflow run {run_id} (artifacts report/)")
     return 0

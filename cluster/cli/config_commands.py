@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pretrain.config import KilnConfig, dump_config, load_config
+from pretrain.config import KilnConfig, dump_config, load_config, resolve_model
 from pretrain.config.schema import recommended_zero_stage, zero_stage_reason
 from pretrain.model.sizing import count_parameters, human_count, padded_vocab_size
 
@@ -48,7 +48,8 @@ def _load(args: argparse.Namespace) -> KilnConfig:
     return load_config(args.config, args.overrides, world_size=args.world_size)
 
 
-def describe_layout(cfg: KilnConfig) -> str:
+def describe_parallel_config(cfg: KilnConfig) -> str:
+    """The configuration's world size and how `parallel` splits it, for `kiln config`."""
     par = cfg.parallel
     return (
         f"world size {cfg.world_size} = tensor {par.tensor} x pipeline {par.pipeline} "
@@ -71,11 +72,12 @@ def describe_zero_stage(cfg: KilnConfig) -> str:
 def describe_parameters(cfg: KilnConfig) -> str | None:
     if cfg.model is None:
         return None
-    n = count_parameters(cfg.model)
+    model = resolve_model(cfg.model)
+    n = count_parameters(model)
     text = f"{human_count(n)} ({n:,})"
-    padded = padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tensor)
-    if padded != cfg.model.vocab_size:
-        n_padded = count_parameters(cfg.model, vocab_size=padded)
+    padded = padded_vocab_size(model.vocab_size, cfg.parallel.tensor)
+    if padded != model.vocab_size:
+        n_padded = count_parameters(model, vocab_size=padded)
         text += f"; {n_padded:,} with the vocabulary padded to {padded:,} rows"
     return text
 
@@ -83,7 +85,7 @@ def describe_parameters(cfg: KilnConfig) -> str | None:
 def _show(args: argparse.Namespace) -> int:
     cfg = _load(args)
     print(dump_config(cfg), end="")
-    print(f"# {describe_layout(cfg)}")
+    print(f"# {describe_parallel_config(cfg)}")
     print(f"# {describe_zero_stage(cfg)}")
     parameters = describe_parameters(cfg)
     if parameters:
@@ -107,5 +109,5 @@ def _validate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     parameters = describe_parameters(cfg)
     suffix = f"; {parameters} parameters" if parameters else ""
-    print(f"{args.config}: valid ({describe_layout(cfg)}{suffix})")
+    print(f"{args.config}: valid ({describe_parallel_config(cfg)}{suffix})")
     return 0

@@ -10,10 +10,10 @@ the command that shows them.
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 from pathlib import Path
 
+from data_pipeline.errors import KilnError
 from pretrain.config import ConfigError
 
 LOOPBACK = "127.0.0.1"
@@ -68,9 +68,8 @@ def _dashboard(args: argparse.Namespace) -> int:
     board.configure(logdir=str(root.resolve()), port=args.port, host=args.host, reload_interval=5.0)
     try:
         url = board.launch()
-    except program.TensorBoardServerException as error:
-        print(f"kiln dashboard: {error.msg}", file=sys.stderr)
-        return 2
+    except program.TensorBoardServerException as error:  # e.g. the port is taken
+        raise KilnError(error.msg) from None
     runs = event_directories(root)
     print(f"TensorBoard: {url} ({len(runs)} run(s) under {root} so far; new ones appear live)")
     if args.host != LOOPBACK:

@@ -7,7 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
-from pretrain.config import dump_config, load_config
+from pretrain.config import dump_config, load_config, resolve_tokenizer
 from pretrain.config.errors import ConfigError
 
 from .config_commands import add_config_arguments
@@ -67,11 +67,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from data_pipeline.atomic import write_text
-    from data_pipeline.errors import PrepareError
     from data_pipeline.inspect import summary_tables
-    from data_pipeline.readers import InputError
     from data_pipeline.runner import prepare
-    from data_pipeline.tokenizer import TokenizerError
 
     overrides = list(args.overrides)
     if args.input:
@@ -84,18 +81,14 @@ def _prepare(args: argparse.Namespace) -> int:
     output = Path(cfg.data.path)
     dashboard = None
     if cfg.logging.tensorboard or cfg.logging.mlflow.tracking_uri:
-        from pretrain.train.tracking import TrackingError, check_reachable
+        from pretrain.train.tracking import check_reachable
 
-        try:
-            check_reachable(cfg.logging.mlflow.tracking_uri or "")
-        except TrackingError as error:
-            print(f"kiln: {error}", file=sys.stderr)
-            return 2
+        check_reachable(cfg.logging.mlflow.tracking_uri or "")  # TrackingError: one line
         dashboard = StageDashboard(output, cfg)
     try:
         manifest = prepare(
             cfg.data,
-            cfg.tokenizer,
+            resolve_tokenizer(cfg.tokenizer),
             output,
             resolved_config=cfg.model_dump(mode="json"),
             ray_address=args.ray_address,
@@ -106,9 +99,6 @@ def _prepare(args: argparse.Namespace) -> int:
         )
         if dashboard is not None:
             dashboard.counts(manifest)
-    except (InputError, PrepareError, TokenizerError) as error:
-        print(f"kiln: {error}", file=sys.stderr)
-        return 2
     finally:
         if dashboard is not None:
             dashboard.close()
@@ -131,7 +121,6 @@ def _inspect(args: argparse.Namespace) -> int:
     from rich.panel import Panel
 
     from data_pipeline.inspect import (
-        NotPreparedError,
         document_lengths,
         plot_length_histogram,
         read_manifest,
@@ -140,13 +129,9 @@ def _inspect(args: argparse.Namespace) -> int:
     )
 
     directory = Path(args.directory)
-    try:
-        manifest = read_manifest(directory)
-        if args.removed:
-            return _show_removed(directory, args.removed, args.samples)
-    except NotPreparedError as error:
-        print(f"kiln: {error}", file=sys.stderr)
-        return 2
+    manifest = read_manifest(directory)  # NotPreparedError: one line
+    if args.removed:
+        return _show_removed(directory, args.removed, args.samples)
     console = Console()
     for table in summary_tables(manifest):
         console.print(table)

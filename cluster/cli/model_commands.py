@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from cluster.rundir import check_trainable, prepare_run_dir
+from data_pipeline.errors import KilnError
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -64,7 +64,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _quiet() -> None:
-    from pretrain.train.main import quiet_imports
+    from pretrain.startup import quiet_imports
 
     quiet_imports()
 
@@ -73,17 +73,13 @@ def _export(args: argparse.Namespace) -> int:
     _quiet()
     from pretrain.hf.export import export_hf
 
-    try:
-        done = export_hf(
-            Path(args.checkpoint),
-            args.out,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-        )
-    except ValueError as error:
-        print(f"kiln export: {error}", file=sys.stderr)
-        return 2
+    done = export_hf(
+        Path(args.checkpoint),
+        args.out,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
     print(
         f"kiln export: {done['architecture']} ({done['parameters']:,} parameters, "
         f"{done['dtype']}) from {done['checkpoint']} -> {done['out']} "
@@ -102,17 +98,13 @@ def _import_hf(args: argparse.Namespace) -> int:
         write_initial_checkpoint,
     )
 
-    try:
-        settings, weights = read_model(args.hf_dir)
-    except ValueError as error:  # not a model folder, or a model Kiln cannot hold
-        print(f"kiln import-hf: {error}", file=sys.stderr)
-        return 2
+    settings, weights = read_model(args.hf_dir)  # ConversionError: not a model Kiln can hold
     cfg = build_config(args.config, args.overrides, settings)
     check_trainable(cfg)
     run_dir: Path = args.run_dir
     refuse_existing_checkpoint(run_dir)  # before anything is written into it
     note = check_same_tokenizer(args.hf_dir, Path(cfg.data.path or cfg.data.blend[0].path))
-    prepare_run_dir(cfg, run_dir, resume=True)
+    cfg = prepare_run_dir(cfg, run_dir, resume=True)
     checkpoint = write_initial_checkpoint(run_dir, cfg, weights, args.hf_dir)
     model = cfg.model
     print(
@@ -131,19 +123,14 @@ def _eval(args: argparse.Namespace) -> int:
 
     for flag, value in (("--batches", args.batches), ("--micro-batch-size", args.micro_batch_size)):
         if value is not None and value < 1:
-            print(f"kiln eval: {flag} = {value}: must be at least 1", file=sys.stderr)
-            return 2
-    try:
-        result = evaluate(
-            Path(args.checkpoint),
-            data=args.data,
-            batches=args.batches,
-            every_sequence=args.all,
-            micro_batch_size=args.micro_batch_size,
-        )
-    except ValueError as error:
-        print(f"kiln eval: {error}", file=sys.stderr)
-        return 2
+            raise KilnError(f"{flag} = {value}: must be at least 1")
+    result = evaluate(
+        Path(args.checkpoint),
+        data=args.data,
+        batches=args.batches,
+        every_sequence=args.all,
+        micro_batch_size=args.micro_batch_size,
+    )
     if args.json:
         print(json.dumps(result.as_dict()))
     elif result.accuracy is not None:  # an encoder: over the masked (chosen) positions

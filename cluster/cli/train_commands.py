@@ -12,13 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from cluster.launch.plan import RANK_MODULE
 from cluster.rundir import check_trainable, prepare_run_dir
-from pretrain.config import load_config
+from pretrain.config import load_config, resolve_run
 from pretrain.config.errors import ConfigError
 
 from .config_commands import add_config_arguments
-
-RANK_MODULE = "pretrain.train.main"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -66,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc = {args.nproc}: must be at least 1")
-    cfg = load_config(args.config, args.overrides, world_size=args.nproc)
+    cfg = resolve_run(load_config(args.config, args.overrides, world_size=args.nproc))
     check_trainable(cfg)
     run_dir = args.run_dir or Path("runs") / Path(args.config).stem
     prepare_run_dir(cfg, run_dir, resume=not args.no_resume)
@@ -78,39 +77,31 @@ def _train(args: argparse.Namespace) -> int:
 def refuse_unreadable_checkpoint(run_dir: Path) -> None:
     """A checkpoint this Kiln cannot resume (an older format) is refused before any rank
     starts, in one line."""
-    from pretrain.train.main import quiet_imports
+    from pretrain.startup import quiet_imports
 
     quiet_imports()
     from pretrain.train.checkpoint import latest_checkpoint
-    from pretrain.train.weights import CheckpointError, read_description
+    from pretrain.train.weights import read_description
 
     latest = latest_checkpoint(run_dir / "checkpoints")
-    if latest is None:
-        return
-    try:
-        read_description(latest)
-    except CheckpointError as error:
-        raise ConfigError(str(error)) from None
+    if latest is not None:
+        read_description(latest)  # CheckpointError (one line) for one Kiln cannot read
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pretrain.train.main import quiet_imports
+    from pretrain.startup import quiet_imports
 
     quiet_imports()
-    from pretrain.generate import GenerationError, generate_text
+    from pretrain.generate import generate_text
 
-    try:
-        text = generate_text(
-            Path(args.checkpoint),
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-    except (GenerationError, ValueError) as error:
-        print(f"kiln generate: {error}", file=sys.stderr)
-        return 2
+    text = generate_text(
+        Path(args.checkpoint),
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     print(text)
     return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError, load_config, resolve_run
 
 from .metrics import (
     Record,
@@ -151,24 +151,18 @@ def report_markdown(
 
 def _config_lines(run_dir: Path) -> list[str]:
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = resolve_run(load_config(run_dir / "config.yaml"))
     except (ConfigError, OSError) as error:
         return [f"- Configuration: not readable ({error})"]
-    train = cfg.train
+    train, m = cfg.train, cfg.model
     tokens = train.global_batch_size * train.seq_length
-    lines = [
+    return [
+        f"- Model: {m.arch}, {m.num_layers} layers, hidden size {m.hidden_size}, "
+        f"{m.num_heads} heads ({m.num_kv_heads} KV heads), FFN {m.ffn_hidden_size}, "
+        f"vocabulary {m.vocab_size}",
         f"- Batch: {train.global_batch_size} sequences x {train.seq_length} tokens = "
-        f"{tokens:,} tokens per step, {train.steps} steps"
+        f"{tokens:,} tokens per step, {train.steps} steps",
     ]
-    if cfg.model is not None:
-        m = cfg.model
-        lines.insert(
-            0,
-            f"- Model: {m.arch}, {m.num_layers} layers, hidden size {m.hidden_size}, "
-            f"{m.num_heads} heads ({m.num_kv_heads} KV heads), FFN {m.ffn_hidden_size}, "
-            f"vocabulary {m.vocab_size}",
-        )
-    return lines
 
 
 def _progress(summary: RunSummary) -> str:

@@ -26,14 +26,15 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.plan import LaunchPlan
+from cluster.launch.plan import LaunchPlan
+from data_pipeline.errors import KilnError
 
 SCRIPT_NAME = "slurm.sbatch"
 SIGNAL_BEFORE_LIMIT_S = 90
 EXPORT = "--export=ALL"  # the submitting shell's environment, WANDB_API_KEY included
 
 
-class SlurmError(RuntimeError):
+class SlurmError(KilnError):
     """sbatch/squeue/scancel is missing or refused the request."""
 
 
@@ -131,7 +132,10 @@ def write_script(plan: LaunchPlan, options: SlurmOptions) -> Path:
 def _run(*command: str) -> subprocess.CompletedProcess:
     if shutil.which(command[0]) is None:
         raise SlurmError(f"{command[0]} not found: is Slurm installed on this machine?")
-    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{command[0]} got no answer from Slurm within 60 s") from None
 
 
 def sbatch_command(script: Path) -> list[str]:

@@ -1,8 +1,10 @@
 """The work of each pipeline stage on one part or one bucket; `data_pipeline.runner` runs these
-as Ray tasks. Every task writes its results under the work directory with atomic renames and a
-small JSON of counts last, so a task whose JSON exists is complete and is not redone on resume.
-Tasks get what they work on (a part, a bucket number, configuration sections) as arguments and
-read only their own inputs: no task loads the plan or a list covering the whole corpus.
+as Ray tasks, which read and write files and apply the in-memory text operations of
+`data_pipeline.text` to the documents. Every task writes its results under the work directory
+with atomic renames and a small JSON of counts last, so a task whose JSON exists is complete
+and is not redone on resume. Tasks get what they work on (a part, a bucket number,
+configuration sections) as arguments and read only their own inputs: no task loads the plan or
+a list covering the whole corpus.
 
     clean/part_N.parquet            id, text, hash, source, location, span of the kept documents
     clean/part_N.exact.npy          (hash, id) of those documents, by exact-dedup bucket

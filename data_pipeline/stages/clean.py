@@ -23,9 +23,9 @@ from ..readers import ReadStats, read_records
 from ..records import Document, Malformed
 from ..selection import hash_pairs, sample_key
 from ..shuffle import write_buckets
-from ..steps.dedup import MinHasher, text_hash
-from ..steps.normalize import EMPTY_RULE, Normalize
-from ..steps.quality import QualityFilter
+from ..text.dedup import MinHasher, text_hash
+from ..text.normalize import EMPTY_RULE, Normalize
+from ..text.quality import QualityFilter
 from . import WorkDir
 from .quarantine import quarantine_entry
 

@@ -21,7 +21,7 @@
    document in corpus order) and writes the others, sorted, as that bucket's drop list, with
    the kept id each one repeats.
 
-The result equals `steps.dedup.near_duplicates` over the same candidate pairs, computed in one
+The result equals `text.dedup.near_duplicates` over the same candidate pairs, computed in one
 process; no task reads more than its bucket, and no process holds the corpus's pairs.
 """
 
@@ -37,7 +37,7 @@ from ..config import NearDedupConfig
 from ..plan import PART_SHIFT
 from ..selection import id_buckets, mix64
 from ..shuffle import read_bucket, write_buckets
-from ..steps.dedup import candidate_pairs, estimated_jaccard
+from ..text.dedup import candidate_pairs, estimated_jaccard
 from . import WorkDir
 from .clean import BAND_ROW
 

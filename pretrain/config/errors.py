@@ -7,13 +7,16 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from data_pipeline.config import RULE_ERROR
+from data_pipeline.config_base import RULE_ERROR
+from data_pipeline.errors import KilnError
 
 from .introspect import section_at
 
 
-class ConfigError(ValueError):
+class ConfigError(KilnError):
     """An invalid configuration. `str(error)` is one line fit for a user's terminal."""
+
+    heading = "invalid configuration"
 
 
 def dotted(loc: tuple[str | int, ...]) -> str:

@@ -13,16 +13,26 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+from data_pipeline.config import ResolvedTokenizer, TokenizerConfig
 
 from .errors import ConfigError, describe
 from .introspect import field_annotation, is_optional, takes_text
-from .schema import KilnConfig
+from .schema import (
+    KilnConfig,
+    ModelConfig,
+    ResolvedModel,
+    ResolvedT5Model,
+    RunConfig,
+    T5RunConfig,
+)
 
 Tree = dict[str, Any]
+Section = TypeVar("Section", bound=BaseModel)
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -55,6 +65,37 @@ def validate_tree(tree: Tree, world_size: int | None = None) -> KilnConfig:
         return KilnConfig.model_validate(tree, context={"world_size": world_size})
     except ValidationError as error:
         raise ConfigError(describe(error, KilnConfig)) from None
+
+
+def resolve_run(cfg: KilnConfig) -> RunConfig:
+    """A training run's configuration: `cfg`, validated, with its model section and every
+    value validation derived typed as resolved (a t5's: a `T5RunConfig`). ConfigError when
+    there is no model section."""
+    if cfg.model is None:
+        raise ConfigError("model = None: a training configuration needs a model section")
+    kind = T5RunConfig if cfg.model.encoder_decoder else RunConfig
+    # The world size it was validated for: parallel.data is checked against it again.
+    return _as_resolved(kind, cfg.model_dump(), {"world_size": cfg.world_size})
+
+
+def resolve_model(model: ModelConfig) -> ResolvedModel:
+    """A validated model section typed as resolved (a t5's: a `ResolvedT5Model`)."""
+    kind = ResolvedT5Model if model.encoder_decoder else ResolvedModel
+    return _as_resolved(kind, model.model_dump())
+
+
+def resolve_tokenizer(tokenizer: TokenizerConfig) -> ResolvedTokenizer:
+    """The tokenizer section of a validated configuration typed as resolved (its size)."""
+    return _as_resolved(ResolvedTokenizer, tokenizer.model_dump())
+
+
+def _as_resolved(kind: type[Section], tree: Tree, context: dict | None = None) -> Section:
+    """Validate `tree`, the dump of a validated section, as its resolved type. Validation
+    resolves nothing new there; it checks that every derived value is set."""
+    try:
+        return kind.model_validate(tree, context=context)
+    except ValidationError as error:
+        raise ConfigError(describe(error, kind)) from None
 
 
 def read_tree(path: Path, _seen: tuple[Path, ...] = ()) -> Tree:

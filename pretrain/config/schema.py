@@ -4,13 +4,16 @@ Field-level rules (types, signs, choices) live on the fields; rules that tie fie
 section together live on that section; rules across sections and the world size live on
 `KilnConfig`. `KilnConfig.model_validate(tree, context={"world_size": N})` checks them all
 and fills in the derived values (data-parallel size, gradient accumulation, defaults that
-depend on the architecture), so a validated configuration is a resolved one.
+depend on the architecture), so a validated configuration is a resolved one. Validators named
+`_resolve_*` fill values in, those named `_check_*` only check. The types at the end
+(`RunConfig`, `ResolvedModel`, ...) say it: the same sections with the resolved fields plain;
+`resolve_run` gives the training code its `RunConfig`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, TypeGuard
 
 from pydantic import (
     ConfigDict,
@@ -24,7 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from data_pipeline.config import ConfigSection, DataConfig, TokenizerConfig, rule_violation
+from data_pipeline.config import DataConfig, ResolvedTokenizer, TokenizerConfig
+from data_pipeline.config_base import ConfigSection, rule_violation
 
 DEFAULT_VOCAB_SIZE = 32000
 MLFLOW_SCHEMES = ("http://", "https://", "sqlite:///")
@@ -76,7 +80,8 @@ class ModelConfig(ConfigSection):
     init_std: PositiveFloat = 0.02
 
     @model_validator(mode="after")
-    def _resolve_and_check(self) -> ModelConfig:
+    def _resolve_defaults(self) -> ModelConfig:
+        """The defaults that depend on the architecture; a t5's decoder and MLP too."""
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.ffn_hidden_size is None:
@@ -85,34 +90,14 @@ class ModelConfig(ConfigSection):
             self.tie_embeddings = self.arch in ("gpt", "bert")
         if self.positions is None:
             self.positions = {"llama": "rotary", "t5": "relative"}.get(self.arch, "learned")
-        self._resolve_encoder_decoder()
-        if self.arch == "bert" and not self.tie_embeddings:
-            raise rule_violation(
-                "tie_embeddings",
-                False,
-                "a bert model's masked-LM decoder is its embedding matrix (as in BERT)",
-            )
-        if self.hidden_size % self.num_heads:
-            raise rule_violation(
-                "hidden_size",
-                self.hidden_size,
-                f"must be divisible by model.num_heads ({self.num_heads})",
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise rule_violation(
-                "num_kv_heads",
-                self.num_kv_heads,
-                f"must divide model.num_heads ({self.num_heads})",
-            )
-        if self.positions == "rotary" and (self.hidden_size // self.num_heads) % 2:
-            raise rule_violation(
-                "hidden_size",
-                self.hidden_size,
-                "rotary embeddings need an even head size (hidden_size / num_heads)",
-            )
+        if self.arch == "t5":
+            self.decoder_layers = self.decoder_layers or self.num_layers
+            self.feed_forward = self.feed_forward or "gated-gelu"
         return self
 
-    def _resolve_encoder_decoder(self) -> None:
+    @model_validator(mode="after")
+    def _check_encoder_decoder(self) -> ModelConfig:
+        """t5's settings on t5 only; t5's own rules."""
         if self.arch != "t5":
             for key in ("decoder_layers", "feed_forward"):
                 if getattr(self, key) is not None:
@@ -121,9 +106,7 @@ class ModelConfig(ConfigSection):
                 raise rule_violation(
                     "positions", "relative", "relative position buckets are t5's only"
                 )
-            return
-        self.decoder_layers = self.decoder_layers or self.num_layers
-        self.feed_forward = self.feed_forward or "gated-gelu"
+            return self
         if self.positions != "relative":
             raise rule_violation(
                 "positions", self.positions, "t5 takes relative position buckets only"
@@ -136,6 +119,36 @@ class ModelConfig(ConfigSection):
             raise rule_violation(
                 "relative_buckets", self.relative_buckets, "t5 needs at least 2 (one per side)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelConfig:
+        """bert's tied decoder; heads that split the hidden size and share the KV heads."""
+        if self.arch == "bert" and not self.tie_embeddings:
+            raise rule_violation(
+                "tie_embeddings",
+                False,
+                "a bert model's masked-LM decoder is its embedding matrix (as in BERT)",
+            )
+        if self.hidden_size % self.num_heads:
+            raise rule_violation(
+                "hidden_size",
+                self.hidden_size,
+                f"must be divisible by model.num_heads ({self.num_heads})",
+            )
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise rule_violation(
+                "num_kv_heads",
+                self.num_kv_heads,
+                f"must divide model.num_heads ({self.num_heads})",
+            )
+        if self.positions == "rotary" and (self.hidden_size // self.num_heads) % 2:
+            raise rule_violation(
+                "hidden_size",
+                self.hidden_size,
+                "rotary embeddings need an even head size (hidden_size / num_heads)",
+            )
+        return self
 
     @property
     def causal(self) -> bool:
@@ -501,42 +514,48 @@ class KilnConfig(ConfigSection):
 
     @model_validator(mode="after")
     def _resolve_and_check(self, info: ValidationInfo) -> KilnConfig:
+        """The rules across sections and the values derived from them, in this order (the
+        first broken rule is the one reported)."""
         world_size = (info.context or {}).get("world_size")
-        self._check_tokenizer()
+        self._check_tokenizer_vocab()
+        self._resolve_tokenizer()
+        encoder_length = None  # a t5's: train.seq_length
         if self.model is not None:
-            self._check_model_against_layout()
-        self._resolve_data_parallel(world_size)
-        self._resolve_batch()
-        if self.model is not None and self.model.encoder_decoder:
-            self._resolve_spans()
-        if self.parallel.zero_stage is None:
-            self.parallel.zero_stage = recommended_zero_stage(
-                self.train.precision, self.parallel.pipeline
-            )
-        if self.train.precision != "fp32" and self.parallel.zero_stage == 0:
-            raise rule_violation(
-                "parallel.zero_stage",
-                0,
-                f"{self.train.precision} training keeps its fp32 master weights in DeepSpeed's "
-                "ZeRO optimizer, where checkpoints find them: use stage 1 or above (on one "
-                "process stage 1 costs nothing)",
-            )
-        if self.optim.warmup_steps > self.train.steps:
-            raise rule_violation(
-                "optim.warmup_steps",
-                self.optim.warmup_steps,
-                f"must not exceed train.steps ({self.train.steps})",
-            )
+            self._check_model_against_layout(self.model)
+            seq_length = self._resolve_seq_length(self.model)
+            encoder_length = seq_length if self.model.encoder_decoder else None
+        self._resolve_batch(self._resolve_data_parallel(world_size))
+        if encoder_length is not None:
+            self._check_encoder_decoder_layout()
+            self._resolve_spans(encoder_length)
+        self._resolve_zero_stage()
+        self._check_zero_stage()
+        self._check_warmup()
         return self
 
     @property
     def world_size(self) -> int:
-        assert self.parallel.data is not None  # filled in by validation
-        return self.parallel.tensor * self.parallel.pipeline * self.parallel.data
+        """tensor x pipeline x data-parallel processes. Validation always sets parallel.data;
+        unset, it counts as 1, the size validation gives it without a world size."""
+        par = self.parallel
+        return par.tensor * par.pipeline * (par.data or 1)
 
-    def _check_tokenizer(self) -> None:
-        model_vocab = self.model.vocab_size if self.model else None
-        # the tokens the objective needs: trained in, or required of a loaded tokenizer
+    def _check_tokenizer_vocab(self) -> None:
+        """A tokenizer trained here needs an embedding row for every token."""
+        given = self.tokenizer.vocab_size
+        if self.model is None or given is None or self.tokenizer.path is not None:
+            return
+        if given > self.model.vocab_size:
+            raise rule_violation(
+                "tokenizer.vocab_size",
+                given,
+                f"must not exceed model.vocab_size ({self.model.vocab_size}): "
+                "the embedding needs a row for every token",
+            )
+
+    def _resolve_tokenizer(self) -> None:
+        """The tokens the model's objective needs (trained in, or required of a loaded
+        tokenizer), and the vocabulary size when unset: the model's, 32000 without one."""
         needed = []
         if self.model is not None and self.model.arch == "bert":
             self.tokenizer.mask_token = self.masking.token
@@ -547,27 +566,17 @@ class KilnConfig(ConfigSection):
         missing = [token for token in needed if token not in self.tokenizer.special_tokens]
         self.tokenizer.special_tokens = [*self.tokenizer.special_tokens, *missing]
         if self.tokenizer.vocab_size is None:
-            self.tokenizer.vocab_size = model_vocab or DEFAULT_VOCAB_SIZE
-        elif (
-            model_vocab and self.tokenizer.path is None and self.tokenizer.vocab_size > model_vocab
-        ):
-            raise rule_violation(
-                "tokenizer.vocab_size",
-                self.tokenizer.vocab_size,
-                f"must not exceed model.vocab_size ({model_vocab}): "
-                "the embedding needs a row for every token",
-            )
+            self.tokenizer.vocab_size = self.model.vocab_size if self.model else DEFAULT_VOCAB_SIZE
 
-    def _check_model_against_layout(self) -> None:
-        model, par, train = self.model, self.parallel, self.train
-        assert model is not None
+    def _check_model_against_layout(self, model: ModelConfig) -> None:
+        par, train = self.parallel, self.train
         divisible_by_tensor = {
             "model.num_heads": model.num_heads,
             "model.num_kv_heads": model.num_kv_heads,
             "model.ffn_hidden_size": model.ffn_hidden_size,
         }
         for key, value in divisible_by_tensor.items():
-            if value % par.tensor:
+            if value is not None and value % par.tensor:
                 raise rule_violation("parallel.tensor", par.tensor, f"must divide {key} ({value})")
         if model.num_layers < par.pipeline:
             raise rule_violation(
@@ -575,19 +584,20 @@ class KilnConfig(ConfigSection):
                 par.pipeline,
                 f"cannot exceed model.num_layers ({model.num_layers}): every stage needs a layer",
             )
-        if train.seq_length is None:
-            train.seq_length = model.max_seq_length
-        elif train.seq_length > model.max_seq_length:
+        if train.seq_length is not None and train.seq_length > model.max_seq_length:
             raise rule_violation(
                 "train.seq_length",
                 train.seq_length,
                 f"must not exceed model.max_seq_length ({model.max_seq_length})",
             )
 
-    def _resolve_spans(self) -> None:
-        """t5: the sample and decoder lengths of span corruption, from the encoder's."""
-        spans, encoder_length = self.spans, self.train.seq_length
-        assert encoder_length is not None
+    def _resolve_seq_length(self, model: ModelConfig) -> int:
+        """train.seq_length when unset: the model's max_seq_length."""
+        seq_length = self.train.seq_length or model.max_seq_length
+        self.train.seq_length = seq_length
+        return seq_length
+
+    def _check_encoder_decoder_layout(self) -> None:
         if self.parallel.pipeline > 1:
             raise rule_violation(
                 "parallel.pipeline",
@@ -596,6 +606,11 @@ class KilnConfig(ConfigSection):
                 "activation stream between stages, an encoder-decoder needs two (use "
                 "parallel.tensor and ZeRO to split a large t5)",
             )
+
+    def _resolve_spans(self, encoder_length: int) -> None:
+        """t5: the sample and decoder lengths of span corruption, from the encoder's; given
+        ones must equal them."""
+        spans = self.spans
         tokens, encoder, decoder = span_lengths(
             encoder_length, spans.noise_density, spans.mean_span_length
         )
@@ -618,36 +633,41 @@ class KilnConfig(ConfigSection):
                 )
             setattr(spans, key, value)
 
-    def _resolve_data_parallel(self, world_size: int | None) -> None:
+    def _resolve_data_parallel(self, world_size: int | None) -> int:
+        """parallel.data when unset: the world size (the context's, else the cluster
+        section's) over tensor x pipeline, 1 without one; a given one must agree with it."""
         par = self.parallel
         model_parallel = par.tensor * par.pipeline
         source = "the world size"
         if world_size is None and self.cluster.world_size is not None:
             world_size, source = self.cluster.world_size, "cluster.nodes x processes per node"
         if world_size is None:
-            par.data = par.data or 1
-            return
-        if par.data is not None:
-            if model_parallel * par.data != world_size:
+            data = par.data or 1
+        elif par.data is not None:
+            data = par.data
+            if model_parallel * data != world_size:
                 raise rule_violation(
                     "parallel.data",
-                    par.data,
+                    data,
                     f"{source} ({world_size}) must equal parallel.tensor x parallel.pipeline x "
-                    f"parallel.data ({par.tensor} x {par.pipeline} x {par.data})",
+                    f"parallel.data ({par.tensor} x {par.pipeline} x {data})",
                 )
-            return
-        if world_size % model_parallel:
+        elif world_size % model_parallel:
             raise rule_violation(
                 "parallel.tensor",
                 par.tensor,
                 f"{source} ({world_size}) must be a multiple of parallel.tensor x "
                 f"parallel.pipeline ({par.tensor} x {par.pipeline})",
             )
-        par.data = world_size // model_parallel
+        else:
+            data = world_size // model_parallel
+        par.data = data
+        return data
 
-    def _resolve_batch(self) -> None:
-        train, dp = self.train, self.parallel.data
-        assert dp is not None
+    def _resolve_batch(self, dp: int) -> None:
+        """The global batch and gradient accumulation, the one unset from the other (1 step
+        of accumulation when both are); given both, they must agree."""
+        train = self.train
         per_step = train.micro_batch_size * dp
         if train.global_batch_size is None:
             train.gradient_accumulation_steps = train.gradient_accumulation_steps or 1
@@ -671,3 +691,98 @@ class KilnConfig(ConfigSection):
             )
         else:
             train.gradient_accumulation_steps = train.global_batch_size // per_step
+
+    def _resolve_zero_stage(self) -> None:
+        """parallel.zero_stage when unset: the recommended one (`zero_stage_reason`)."""
+        if self.parallel.zero_stage is None:
+            self.parallel.zero_stage = recommended_zero_stage(
+                self.train.precision, self.parallel.pipeline
+            )
+
+    def _check_zero_stage(self) -> None:
+        if self.train.precision != "fp32" and self.parallel.zero_stage == 0:
+            raise rule_violation(
+                "parallel.zero_stage",
+                0,
+                f"{self.train.precision} training keeps its fp32 master weights in DeepSpeed's "
+                "ZeRO optimizer, where checkpoints find them: use stage 1 or above (on one "
+                "process stage 1 costs nothing)",
+            )
+
+    def _check_warmup(self) -> None:
+        if self.optim.warmup_steps > self.train.steps:
+            raise rule_violation(
+                "optim.warmup_steps",
+                self.optim.warmup_steps,
+                f"must not exceed train.steps ({self.train.steps})",
+            )
+
+
+# -- after validation ------------------------------------------------------------------------
+# Validation fills in every derived value, and these types say so: the sections with those
+# fields narrowed to plain types. `resolve_run` (loader.py) turns a validated KilnConfig with a
+# model into a `RunConfig`, the configuration the training code takes; validating one again
+# changes nothing (every `_resolve_*` keeps a value that is set, and every rule still holds).
+
+
+class ResolvedModel(ModelConfig):
+    """A validated model section: the defaults that depend on the architecture filled in."""
+
+    num_kv_heads: PositiveInt
+    ffn_hidden_size: PositiveInt
+    positions: Literal["learned", "rotary", "relative"]
+    tie_embeddings: bool
+
+
+class ResolvedT5Model(ResolvedModel):
+    """A validated t5 model section: its decoder's layers and its MLP filled in too."""
+
+    arch: Literal["t5"]
+    decoder_layers: PositiveInt
+    feed_forward: Literal["gated-gelu", "relu"]
+
+
+def is_encoder_decoder(model: ResolvedModel) -> TypeGuard[ResolvedT5Model]:
+    """A t5, with its decoder's layers and its MLP resolved. Told by `arch`, so that a
+    validated ModelConfig of a t5 passes too: validation fills them in for every t5."""
+    return model.arch == "t5"
+
+
+class ResolvedParallel(ParallelConfig):
+    """A validated layout: the data-parallel size and the ZeRO stage resolved."""
+
+    data: PositiveInt
+    zero_stage: int = Field(ge=0, le=3)
+
+
+class ResolvedTrain(TrainConfig):
+    """Validated training settings: the batch and the sequence length resolved. `compile`
+    stays None for "on for GPUs, off on CPU", decided where the device is known."""
+
+    global_batch_size: PositiveInt
+    gradient_accumulation_steps: PositiveInt
+    seq_length: PositiveInt
+
+
+class ResolvedSpans(SpanConfig):
+    """A t5 run's span corruption: the sample's and the decoder's lengths derived."""
+
+    sample_tokens: PositiveInt
+    decoder_length: PositiveInt
+
+
+class RunConfig(KilnConfig):
+    """A training run's configuration: a model, and every value validation derives resolved.
+    Made by `resolve_run`; a t5's is a `T5RunConfig`."""
+
+    tokenizer: ResolvedTokenizer
+    model: ResolvedModel
+    parallel: ResolvedParallel
+    train: ResolvedTrain
+
+
+class T5RunConfig(RunConfig):
+    """A t5's run: its model and its span corruption's lengths resolved too."""
+
+    model: ResolvedT5Model
+    spans: ResolvedSpans

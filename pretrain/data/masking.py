@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from data_pipeline.errors import KilnError
 from pretrain.config.schema import MaskingConfig
 
 SPLITS = {"train": 0, "valid": 1}
 IGNORED = -1  # a target that takes no part in the loss: a position not chosen
 
 
-class MaskingError(ValueError):
+class MaskingError(KilnError):
     """A tokenizer the masked-LM objective cannot use."""
 
 

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from pretrain.config.schema import KilnConfig, SpanConfig, span_count
+from data_pipeline.errors import KilnError
+from pretrain.config.schema import RunConfig, SpanConfig, T5RunConfig, span_count
 from pretrain.data.masking import SPLITS
 
 
-class SpanCorruptionError(ValueError):
+class SpanCorruptionError(KilnError):
     """A tokenizer (or span configuration) the span-corruption objective cannot use."""
 
 
@@ -178,12 +179,10 @@ def span_micro_batch(
     return encoder, decoder, targets
 
 
-def sample_length(cfg: KilnConfig) -> int:
+def sample_length(cfg: RunConfig) -> int:
     """The sequence length to build a run's samples with: train.seq_length, or for t5 the
     tokens that span corruption turns into the encoder's train.seq_length
     (`spans.sample_tokens`)."""
-    assert cfg.train.seq_length is not None and cfg.model is not None
-    if cfg.model.encoder_decoder:
-        assert cfg.spans.sample_tokens is not None
+    if isinstance(cfg, T5RunConfig):
         return cfg.spans.sample_tokens
     return cfg.train.seq_length

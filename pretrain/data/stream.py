@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.errors import KilnError
 from data_pipeline.format import ShardReader, shard_exists
 
 MANIFEST = "manifest.json"
 
 
-class DataDirError(ValueError):
+class DataDirError(KilnError):
     """A data directory that cannot be trained on: a user mistake, told in one sentence."""
 
 

@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pretrain.config import ModelConfig, load_config
-from pretrain.inference import checkpoint_weights
+from data_pipeline.errors import KilnError
+from pretrain.config import ResolvedModel
+from pretrain.inference import checkpoint_config, checkpoint_weights
 from pretrain.train.checkpoint import resolve_checkpoint
 from pretrain.train.weights import CheckpointError
 
@@ -53,7 +54,7 @@ SIZE_UNITS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(KilnError, ValueError):  # ValueError: parse_size's, as tested
     """A user mistake: an existing output folder, a bad size, an unexportable model."""
 
 
@@ -133,7 +134,7 @@ def write_tokenizer(
 
 
 def write_config(
-    config, model: ModelConfig, eos_id: int | None, pad_id: int | None, out: Path
+    config, model: ResolvedModel, eos_id: int | None, pad_id: int | None, out: Path
 ) -> None:
     """config.json, and generation_config.json for a model that generates.
 
@@ -171,10 +172,8 @@ def export_hf(
         raise ExportError(f"{out}: exists and is not empty; pass --overwrite to replace it")
     max_bytes = parse_size(max_shard_size)
     checkpoint = resolve_checkpoint(Path(path))
-    cfg = load_config(checkpoint / "config.yaml")
+    cfg = checkpoint_config(checkpoint)
     model = cfg.model
-    if model is None:
-        raise CheckpointError(f"{checkpoint}/config.yaml has no model section")
     dtype_name = TRAINING_DTYPE[cfg.train.precision] if dtype == "auto" else dtype
     if dtype_name not in DTYPES:
         raise ExportError(f"--dtype = {dtype}: choose auto, float32, bfloat16 or float16")

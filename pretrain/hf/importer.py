@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_pipeline import atomic
-from pretrain.config import ConfigError, dump_config, validate_tree
+from pretrain.config import ConfigError, RunConfig, dump_config, resolve_run, validate_tree
 from pretrain.config.loader import apply_overrides, read_tree
 from pretrain.train.checkpoint import TrainerState, latest_checkpoint, tag_of
 from pretrain.train.dcp_io import Region, save_chunks
@@ -47,7 +47,11 @@ def read_hf_config(folder: Path):
 
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{folder}: no config.json, not a Hugging Face model folder")
-    return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as error:  # invalid JSON, an unknown model_type
+        problem = " ".join(str(error).split()).split(". ")[0].rstrip(".")  # its first sentence
+        raise ConversionError(f"{folder}/config.json: {problem}") from None
 
 
 def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -58,7 +62,10 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     ):
         index = folder / index_name
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as error:
+                raise ConversionError(f"{index}: not a weight index ({error!r})") from None
             tensors: dict[str, torch.Tensor] = {}
             for file in files:
                 tensors.update(loader(str(folder / file)))
@@ -109,9 +116,9 @@ def check_same_tokenizer(folder: Path, data_dir: Path) -> str:
     return "tokenizer: the data's is the model's"
 
 
-def build_config(config_path: Path, overrides: list[str], settings: dict):
+def build_config(config_path: Path, overrides: list[str], settings: dict) -> RunConfig:
     """CONFIG and its overrides, with the model section taken from the imported model (and
-    the overrides of what it leaves open, `OPEN_MODEL_KEYS`)."""
+    the overrides of what it leaves open, `OPEN_MODEL_KEYS`): the run's configuration."""
     open_keys = OPEN_MODEL_KEYS.get(settings["arch"], ())
     chosen = [o for o in overrides if o.split("=", 1)[0].strip() in open_keys]
     touched = [o for o in overrides if o.split("=", 1)[0].startswith("model.") and o not in chosen]
@@ -125,16 +132,16 @@ def build_config(config_path: Path, overrides: list[str], settings: dict):
     apply_overrides(tree, [o for o in overrides if o not in chosen])
     tree["model"] = dict(settings)
     apply_overrides(tree, chosen)
-    return validate_tree(tree)
+    return resolve_run(validate_tree(tree))
 
 
 def read_model(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Kiln's model settings and canonical fp32 weights of a Hugging Face model folder."""
-    from pretrain.config import ModelConfig
+    from pretrain.config import ModelConfig, resolve_model
 
     settings = model_settings(read_hf_config(folder))
     tensors = read_hf_tensors(folder)
-    weights = from_hf(ModelConfig(**settings), tensors)
+    weights = from_hf(resolve_model(ModelConfig(**settings)), tensors)
     return settings, {name: t.to(torch.float32).contiguous() for name, t in weights.items()}
 
 
@@ -147,7 +154,7 @@ def refuse_existing_checkpoint(run_dir: Path) -> None:
 
 
 def write_initial_checkpoint(
-    run_dir: Path, cfg, weights: dict[str, torch.Tensor], source: Path
+    run_dir: Path, cfg: RunConfig, weights: dict[str, torch.Tensor], source: Path
 ) -> Path:
     """`checkpoints/step_00000000`: the fp32 weights under their canonical keys in one DCP
     file, as a one-rank layout would save them, and no optimizer state: every layout

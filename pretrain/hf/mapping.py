@@ -29,15 +29,16 @@ from collections.abc import Callable
 
 import torch
 
-from pretrain.config import ModelConfig
+from data_pipeline.errors import KilnError
+from pretrain.config import ResolvedModel, ResolvedT5Model, is_encoder_decoder
 
 
-class ConversionError(ValueError):
+class ConversionError(KilnError):
     """A model that has no faithful counterpart on the other side."""
 
 
 # -- weights ---------------------------------------------------------------------------------
-def llama_names(model: ModelConfig) -> dict[str, str]:
+def llama_names(model: ResolvedModel) -> dict[str, str]:
     """Kiln canonical name -> Hugging Face Llama name."""
     names = {
         "embedding.tokens.weight": "model.embed_tokens.weight",
@@ -119,7 +120,7 @@ BERT_GLOBAL = {
 BERT_TOKEN_TYPES = "bert.embeddings.token_type_embeddings.weight"
 
 
-def bert_names(model: ModelConfig) -> dict[str, str]:
+def bert_names(model: ResolvedModel) -> dict[str, str]:
     """Kiln canonical name -> Hugging Face MegatronBert name."""
     names = dict(BERT_GLOBAL)
     for layer in range(model.num_layers):
@@ -160,9 +161,8 @@ T5_UNUSED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.we
 T5_MAX_SEQ_LENGTH = 512
 
 
-def t5_names(model: ModelConfig) -> dict[str, str]:
+def t5_names(model: ResolvedT5Model) -> dict[str, str]:
     """Kiln canonical name -> Hugging Face T5 name."""
-    assert model.feed_forward is not None and model.decoder_layers is not None
     names = {"embedding.tokens.weight": T5_EMBEDDING}
     if not model.tie_embeddings:
         names["output.projection.weight"] = T5_HEAD
@@ -199,7 +199,7 @@ HF_FORMS = {
 POSITION_KINDS = {"rotary": "rotary", "learned": "learned absolute", "relative": "relative"}
 
 
-def check_exportable(model: ModelConfig) -> None:
+def check_exportable(model: ResolvedModel) -> None:
     name, positions = HF_FORMS[model.arch]
     if model.positions != positions:
         kind = POSITION_KINDS[positions]
@@ -214,7 +214,7 @@ def check_exportable(model: ModelConfig) -> None:
         )
 
 
-def to_hf(model: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_hf(model: ResolvedModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Kiln canonical weights -> the state dict of the Hugging Face model."""
     check_exportable(model)
     if model.arch == "llama":
@@ -224,7 +224,7 @@ def to_hf(model: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, tor
         tokens = weights["embedding.tokens.weight"]
         out[BERT_TOKEN_TYPES] = tokens.new_zeros(1, tokens.shape[1])  # type 0 adds nothing
         return out
-    if model.arch == "t5":
+    if is_encoder_decoder(model):
         return {theirs: weights[ours] for ours, theirs in t5_names(model).items()}
     out = {theirs: weights[ours] for ours, theirs in GPT2_GLOBAL.items()}
     if not model.tie_embeddings:
@@ -242,7 +242,7 @@ def to_hf(model: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def from_hf(model: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_hf(model: ResolvedModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict of a Hugging Face model -> Kiln canonical weights."""
 
     def take(name: str) -> torch.Tensor:
@@ -259,7 +259,7 @@ def from_hf(model: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, t
                 "this model's outputs cannot be kept"
             )
         return {ours: take(theirs) for ours, theirs in bert_names(model).items()}
-    if model.arch == "t5":
+    if is_encoder_decoder(model):
         names = t5_names(model)
         check_t5_tensors(model, tensors, set(names.values()))
         return {ours: take(theirs) for ours, theirs in names.items()}
@@ -279,7 +279,9 @@ def from_hf(model: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def check_t5_tensors(model: ModelConfig, tensors: dict[str, torch.Tensor], used: set[str]) -> None:
+def check_t5_tensors(
+    model: ResolvedModel, tensors: dict[str, torch.Tensor], used: set[str]
+) -> None:
     """A T5 checkpoint Kiln's t5 holds whole: one embedding (its copies equal to it), a head
     tied and scaled (v1.0) or its own (v1.1), and nothing else."""
     shared = tensors.get(T5_EMBEDDING)
@@ -313,7 +315,7 @@ def check_t5_tensors(model: ModelConfig, tensors: dict[str, torch.Tensor], used:
 
 # -- settings --------------------------------------------------------------------------------
 def hf_config(
-    model: ModelConfig, eos_id: int | None, dtype: torch.dtype, pad_id: int | None = None
+    model: ResolvedModel, eos_id: int | None, dtype: torch.dtype, pad_id: int | None = None
 ):
     """The `transformers` configuration of the exported model (`pad_id`: bert's padding; t5's
     padding and decoder start). A t5's in memory: `transformers` 5 always ties T5's head to
@@ -323,7 +325,7 @@ def hf_config(
 
     check_exportable(model)
     dtype_name = str(dtype).removeprefix("torch.")
-    if model.arch == "t5":
+    if is_encoder_decoder(model):
         config = T5Config(
             vocab_size=model.vocab_size,
             d_model=model.hidden_size,

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from pretrain.config import ModelConfig
+from pretrain.config import ResolvedModel, is_encoder_decoder
 
 from .encoder_decoder import EncoderDecoder
 from .transformer import Transformer
 
 
-def build_model(model: ModelConfig, **settings) -> nn.Module:
+def build_model(model: ResolvedModel, **settings) -> nn.Module:
     """`Transformer(model, **settings)`, or `EncoderDecoder` for t5 (tensor, seed, dtype,
     recompute, initialize, compile)."""
-    kind = EncoderDecoder if model.encoder_decoder else Transformer
-    return kind(model, **settings)
+    if is_encoder_decoder(model):
+        return EncoderDecoder(model, **settings)
+    return Transformer(model, **settings)

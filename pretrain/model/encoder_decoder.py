@@ -26,7 +26,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
-from pretrain.config import ModelConfig
+from pretrain.config import ResolvedModel, ResolvedT5Model
 
 from .transformer import (
     Block,
@@ -88,7 +88,7 @@ class RelativePositionBias(nn.Module):
     """One learned scalar per (bucket, head), added to the attention scores: [buckets, heads/T]
     on each TP rank (its heads' columns of the whole table)."""
 
-    def __init__(self, model: ModelConfig, parallel: LayerConfig, bidirectional: bool) -> None:
+    def __init__(self, model: ResolvedModel, parallel: LayerConfig, bidirectional: bool) -> None:
         super().__init__()
         tensor = parallel.tensor_model_parallel_size
         heads = model.num_heads // tensor
@@ -124,7 +124,7 @@ class CrossAttention(nn.Module):
     """The decoder's attention to the encoder's output: queries from the decoder, keys and
     values (one fused column-parallel layer) from the encoder; no position bias, no scaling."""
 
-    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
+    def __init__(self, model: ResolvedModel, parallel: LayerConfig) -> None:
         super().__init__()
         tensor = parallel.tensor_model_parallel_size
         self.head_dim = model.head_dim
@@ -165,7 +165,7 @@ class DecoderBlock(Block):
     """Self-attention (causal, with the bias), cross-attention to the encoder, then the MLP;
     each pre-normed and added to the residual stream."""
 
-    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
+    def __init__(self, model: ResolvedModel, parallel: LayerConfig) -> None:
         super().__init__(model, parallel)
         self.cross_norm = make_norm(model, parallel.compile_kernels)
         self.cross_attention = CrossAttention(model, parallel)
@@ -185,7 +185,7 @@ class Stack(nn.Module):
 
     def __init__(
         self,
-        model: ModelConfig,
+        model: ResolvedModel,
         parallel: LayerConfig,
         layers: int,
         seed: int,
@@ -227,7 +227,7 @@ class EncoderDecoder(nn.Module):
 
     def __init__(
         self,
-        model: ModelConfig,
+        model: ResolvedT5Model,
         tensor: int = 1,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
@@ -236,7 +236,6 @@ class EncoderDecoder(nn.Module):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        assert model.decoder_layers is not None, "a validated t5 ModelConfig"
         parallel = parallel_config(tensor, dtype, initialize, recompute, compile)
         encoder_layers, decoder_layers = model.num_layers, model.decoder_layers
         full = recompute == "full"

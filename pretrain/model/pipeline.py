@@ -24,7 +24,7 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
-from pretrain.config import ModelConfig
+from pretrain.config import ResolvedModel
 
 from .transformer import (
     Block,
@@ -64,7 +64,7 @@ def tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
     return embedding.logits(x)
 
 
-def norm_spec(model: ModelConfig, seed: int, compile: bool) -> LayerSpec:
+def norm_spec(model: ResolvedModel, seed: int, compile: bool) -> LayerSpec:
     norm = RMSNorm if model.arch == "llama" else LayerNorm
     return SeededLayerSpec(
         seed, model.num_layers + 1, norm, model.hidden_size, model.norm_eps, compile
@@ -72,7 +72,7 @@ def norm_spec(model: ModelConfig, seed: int, compile: bool) -> LayerSpec:
 
 
 def layer_specs(
-    model: ModelConfig,
+    model: ResolvedModel,
     tensor: int,
     seed: int,
     dtype: torch.dtype,
@@ -101,7 +101,7 @@ def vocabulary_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
 
 
 def build_pipeline(
-    model: ModelConfig,
+    model: ResolvedModel,
     topology,
     seed: int,
     dtype: torch.dtype,

@@ -32,25 +32,9 @@ size (`padded_vocab_size`); pass the padded size to count the tensors the model 
 
 from __future__ import annotations
 
-from typing import Protocol
+from pretrain.config.schema import ResolvedModel, ResolvedT5Model, is_encoder_decoder
 
 VOCAB_PAD_MULTIPLE = 128
-
-
-class ModelShape(Protocol):
-    arch: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int | None
-    ffn_hidden_size: int | None
-    vocab_size: int
-    max_seq_length: int
-    tie_embeddings: bool | None
-    positions: str | None
-    decoder_layers: int | None
-    feed_forward: str | None
-    relative_buckets: int
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1) -> int:
@@ -59,16 +43,14 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def count_parameters(model: ModelShape, vocab_size: int | None = None) -> int:
-    """Parameters of `model` (a validated ModelConfig) with `vocab_size` rows (default: its own)."""
+def count_parameters(model: ResolvedModel, vocab_size: int | None = None) -> int:
+    """Parameters of `model` with `vocab_size` rows (default: its own)."""
     h, n_layers = model.hidden_size, model.num_layers
     vocab = model.vocab_size if vocab_size is None else vocab_size
     f = model.ffn_hidden_size
-    kv_heads = model.num_kv_heads
-    assert f is not None and kv_heads is not None, "count a validated ModelConfig"
-    k = kv_heads * (h // model.num_heads)
+    k = model.num_kv_heads * (h // model.num_heads)
 
-    if model.arch == "t5":
+    if is_encoder_decoder(model):
         return encoder_decoder_parameters(model, vocab)
     if model.arch == "llama":
         attention = h * (h + 2 * k) + h * h
@@ -88,10 +70,9 @@ def count_parameters(model: ModelShape, vocab_size: int | None = None) -> int:
     return n_layers * (attention + mlp + norms) + rest + output_layer
 
 
-def encoder_decoder_parameters(model: ModelShape, vocab: int) -> int:
+def encoder_decoder_parameters(model: ResolvedT5Model, vocab: int) -> int:
     """A t5's parameters (see the module docstring)."""
     h, f = model.hidden_size, model.ffn_hidden_size
-    assert f is not None and model.decoder_layers is not None, "count a validated ModelConfig"
     attention = 4 * h * h
     mlp = (3 if model.feed_forward == "gated-gelu" else 2) * h * f
     encoder_layer = attention + mlp + 2 * h

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 from torch import nn
 
-from pretrain.config import ModelConfig
+from pretrain.config import ResolvedModel
 
 from .sizing import padded_vocab_size
 
@@ -89,7 +89,7 @@ def tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def residual_std(model: ModelConfig) -> float:
+def residual_std(model: ResolvedModel) -> float:
     return model.init_std / math.sqrt(2.0 * model.num_layers)
 
 
@@ -107,11 +107,10 @@ class InitStds:
     position_bias: float
 
 
-def init_stds(model: ModelConfig) -> InitStds:
+def init_stds(model: ResolvedModel) -> InitStds:
     if model.arch != "t5":
         std, residual = model.init_std, residual_std(model)
         return InitStds(std, std, std, residual, std, residual, std, std)
-    assert model.ffn_hidden_size is not None
     h, inner = model.hidden_size, model.num_heads * model.head_dim
     return InitStds(
         embedding=1.0,
@@ -126,7 +125,7 @@ def init_stds(model: ModelConfig) -> InitStds:
 
 
 def residual_projection(
-    in_features: int, model: ModelConfig, parallel: LayerConfig, std: float
+    in_features: int, model: ResolvedModel, parallel: LayerConfig, std: float
 ) -> tensor_parallel.RowParallelLinear:
     """A row-parallel projection back to the hidden size, writing into the residual stream:
     input features split across TP ranks, partial outputs summed."""
@@ -272,7 +271,7 @@ class LayerNorm(nn.LayerNorm):
         return self.norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-def make_norm(model: ModelConfig, compile: bool = False) -> nn.Module:
+def make_norm(model: ResolvedModel, compile: bool = False) -> nn.Module:
     if model.arch in ("llama", "t5"):
         return RMSNorm(model.hidden_size, model.norm_eps, compile)
     return LayerNorm(model.hidden_size, model.norm_eps, compile)
@@ -350,10 +349,9 @@ class Attention(nn.Module):
     in a decoder, bidirectional in an encoder; t5's takes the relative position bias and does
     not scale its scores."""
 
-    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
+    def __init__(self, model: ResolvedModel, parallel: LayerConfig) -> None:
         super().__init__()
         tensor = parallel.tensor_model_parallel_size
-        assert model.num_kv_heads is not None
         self.head_dim = model.head_dim
         self.heads = model.num_heads // tensor
         self.kv_heads = model.num_kv_heads // tensor
@@ -409,9 +407,8 @@ class MLP(nn.Module):
     """Gated: down(act(gate(x)) * up(x)) (llama: SiLU; t5 v1.1: tanh-GELU); otherwise
     down(act(fc(x))) (gpt: tanh-GELU; bert: exact GELU; t5 v1.0: ReLU)."""
 
-    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
+    def __init__(self, model: ResolvedModel, parallel: LayerConfig) -> None:
         super().__init__()
-        assert model.ffn_hidden_size is not None
         ffn = model.ffn_hidden_size
         activation = mlp_activation(model)
         self.gated = activation in (swiglu_of_fused, geglu_of_fused)
@@ -445,7 +442,7 @@ class MLP(nn.Module):
         return out
 
 
-def mlp_activation(model: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+def mlp_activation(model: ResolvedModel) -> Callable[[torch.Tensor], torch.Tensor]:
     if model.arch == "t5":
         return geglu_of_fused if model.feed_forward == "gated-gelu" else F.relu
     return {"llama": swiglu_of_fused, "gpt": gelu, "bert": gelu_exact}[model.arch]
@@ -474,7 +471,7 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
 class Block(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
+    def __init__(self, model: ResolvedModel, parallel: LayerConfig) -> None:
         super().__init__()
         self.attention_norm = make_norm(model, parallel.compile_kernels)
         self.attention = Attention(model, parallel)
@@ -492,7 +489,7 @@ class Embedding(nn.Module):
     encoder's masked-LM head lives here too (`head`), beside the matrix it ends in, so that a
     pipeline's last stage, which holds a tied copy of this module, has all of it."""
 
-    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
+    def __init__(self, model: ResolvedModel, parallel: LayerConfig) -> None:
         super().__init__()
         # Positions and the head are drawn first: the random draws of the token rows depend
         # on the vocabulary's padding, which depends on T.
@@ -534,7 +531,7 @@ class MaskedLMHead(nn.Module):
     The dense layer and the norm are replicated on every TP rank (their input and gradient
     are the same on all)."""
 
-    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
+    def __init__(self, model: ResolvedModel, parallel: LayerConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(model.hidden_size, model.hidden_size)
         initializer(parallel, model.init_std)(self.dense.weight)
@@ -551,7 +548,7 @@ class MaskedLMHead(nn.Module):
 
 
 def output_layer(
-    model: ModelConfig, parallel: LayerConfig, weightless: bool = False
+    model: ResolvedModel, parallel: LayerConfig, weightless: bool = False
 ) -> tensor_parallel.ColumnParallelLinear:
     """Hidden -> this rank's slice of the (padded) vocabulary; `weightless` borrows a weight."""
     return tensor_parallel.ColumnParallelLinear(
@@ -569,7 +566,7 @@ def output_layer(
 class OutputLayer(nn.Module):
     """The untied output layer: vocabulary-parallel logits [B, S, V/T]."""
 
-    def __init__(self, model: ModelConfig, parallel: LayerConfig) -> None:
+    def __init__(self, model: ResolvedModel, parallel: LayerConfig) -> None:
         super().__init__()
         self.projection = output_layer(model, parallel)
 
@@ -592,7 +589,7 @@ def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def attention_backend(
-    model: ModelConfig, tensor: int, seq_length: int, dtype: torch.dtype, device: torch.device
+    model: ResolvedModel, tensor: int, seq_length: int, dtype: torch.dtype, device: torch.device
 ) -> str:
     """The kernel `scaled_dot_product_attention` picks for this model's attention (flash,
     cuDNN, memory-efficient or math), as PyTorch's own dispatcher decides it."""
@@ -683,7 +680,7 @@ class Transformer(nn.Module):
 
     def __init__(
         self,
-        model: ModelConfig,
+        model: ResolvedModel,
         tensor: int = 1,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -47,6 +46,7 @@ from torch import nn
 
 from data_pipeline import atomic
 
+from . import fault_injection
 from .dcp_io import Region, load_regions, save_chunks
 from .optimizer_state import OptimizerState
 from .state_pieces import MODEL, StateLayout, optimizer_kinds, rank_pieces
@@ -62,7 +62,6 @@ from .weights import (
 TRASH = ".trash"  # old checkpoints being deleted
 STAGING = ".staging"  # checkpoints being written
 SAVE_RECORD = "last_save.json"  # how long the last save took; `cluster.grace` reads it
-FAULT_ENV = "KILN_TEST_FAULT"  # fault injection for the crash tests, see fault_active
 LOSS_SCALER = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
@@ -87,7 +86,9 @@ class Resume:
     description: dict
 
 
-def describe_layout(layout: dict) -> str:
+def describe_rank_layout(layout: dict) -> str:
+    """A rank layout as a checkpoint records it (`StateLayout.describe()`, `Resume.written_by`),
+    in one phrase: `TP 2 x PP 1 x DP 4 (ZeRO 1, bf16)`."""
     return (
         f"TP {layout.get('tensor')} x PP {layout.get('pipeline')} x DP {layout.get('data')} "
         f"(ZeRO {layout.get('zero_stage')}, {layout.get('precision')})"
@@ -120,11 +121,12 @@ class CheckpointManager:
         self._in_flight: Future | None = None
         # Deleting old checkpoints (terabytes at 70B) runs beside training, one at a time.
         self._deleter: ThreadPoolExecutor | None = None
+        self.saved_step: int | None = None  # this session's last save, or the resumed step
 
-    def due(self, step: int, last_saved: int | None, stopping: bool = False) -> bool:
+    def due(self, step: int, stopping: bool = False) -> bool:
         """Whether the loop should save after `step`: every `interval` steps, and when the run
-        stops (a signal or the last step), unless `step` is already saved."""
-        if step == last_saved:
+        stops (a signal or the last step), unless `step` is already saved (`saved_step`)."""
+        if step == self.saved_step:
             return False
         return stopping or bool(self.interval and step % self.interval == 0)
 
@@ -188,6 +190,7 @@ class CheckpointManager:
                 setattr(scaler, name, value)
         state = TrainerState.read(resume.checkpoint)
         engine.global_steps = state.step
+        self.saved_step = state.step
         if not resume.reshard:  # the same ranks: each continues its own random streams
             key = rank_file(dist.get_rank() if dist.is_initialized() else 0)
             objects = load_regions(resume.checkpoint, [], [key], self.group)
@@ -229,6 +232,7 @@ class CheckpointManager:
             "loss_scale": loss_scale_of(engine),
         }
         stall = time.perf_counter() - started
+        self.saved_step = state.step
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-save")
         self._in_flight = self._writer.submit(
@@ -258,7 +262,7 @@ class CheckpointManager:
         """The background part: every rank writes its file; rank 0 then completes the
         checkpoint and makes it the latest."""
         step = trainer_state["step"]
-        if fault_active("slow-save", step):
+        if fault_injection.slow_save(step):
             time.sleep(3)  # the crash tests' window for a kill during a background save
         staging = self.root / STAGING / tag
         save_chunks(staging, chunks, objects, self.group)
@@ -270,7 +274,7 @@ class CheckpointManager:
         tokenizer = self.root.parent / "tokenizer.json"
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, staging / "tokenizer.json")
-        fault_point("kill-during-save", step)
+        fault_injection.kill_during_save(step)
         final = self.root / tag
         if final.exists():  # saved at this step before (a resumed run's first save)
             shutil.rmtree(final)
@@ -365,27 +369,6 @@ def latest_checkpoint(root: Path) -> Path | None:
         return None
     path = Path(root) / pointer.read_text().strip()
     return path if (path / "trainer_state.json").is_file() else None
-
-
-def fault_active(name: str, step: int) -> bool:
-    """Whether the crash tests asked for fault `name` at `step`: KILN_TEST_FAULT holds
-    comma-separated `name@STEP`, `name@FIRST-LAST` or `name@FIRST-` items."""
-    for item in os.environ.get(FAULT_ENV, "").split(","):
-        fault, _, steps = item.strip().partition("@")
-        if fault != name or not steps:
-            continue
-        first, dash, last = steps.partition("-")
-        low = int(first)
-        high = (int(last) if last else step) if dash else low
-        if low <= step <= high:
-            return True
-    return False
-
-
-def fault_point(name: str, step: int) -> None:
-    """Die here, as a power cut would, when the crash tests ask for it."""
-    if fault_active(name, step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def capture_rng() -> dict:

@@ -39,8 +39,10 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from data_pipeline.errors import KilnError
 
-class CheckpointShapeError(ValueError):
+
+class CheckpointShapeError(KilnError):
     """A checkpoint's tensor does not have the shape this model needs."""
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.config import KilnConfig
+from pretrain.config import KilnConfig, RunConfig
 from pretrain.model.build import build_model
 from pretrain.model.pipeline import build_pipeline
 from pretrain.model.transformer import cross_entropy
@@ -68,7 +68,7 @@ def zero_optimization(stage: int) -> dict:
     return {"stage": stage}
 
 
-def deepspeed_config(cfg: KilnConfig, clip_in_deepspeed: bool) -> dict:
+def deepspeed_config(cfg: RunConfig, clip_in_deepspeed: bool) -> dict:
     train, parallel = cfg.train, cfg.parallel
     return {
         "train_batch_size": train.global_batch_size,
@@ -96,19 +96,13 @@ def compile_enabled(cfg: KilnConfig, device: torch.device) -> bool:
 
 
 class PipelineLoss:
-    """The loss on the last pipeline stage; tells `guard` whether each one is finite.
-    `poison` makes it NaN (the failure tests' fault)."""
+    """The loss on the last pipeline stage, passed through `checked` (`TrainEngine.checked`)."""
 
-    def __init__(self, vocab_size: int, guard: NonFiniteGuard) -> None:
-        self.vocab_size, self.guard = vocab_size, guard
-        self.poison = False
+    def __init__(self, vocab_size: int, checked: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.vocab_size, self.checked = vocab_size, checked
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = cross_entropy(logits, targets, self.vocab_size)
-        if self.poison:
-            loss = loss * float("nan")
-        self.guard.note_loss(loss)
-        return loss
+        return self.checked(cross_entropy(logits, targets, self.vocab_size))
 
 
 class TrainEngine:
@@ -118,20 +112,20 @@ class TrainEngine:
 
     def __init__(
         self,
-        cfg: KilnConfig,
+        cfg: RunConfig,
         parallel: Parallel,
         initialize: bool = True,
         prepare_module: Callable[[nn.Module], None] | None = None,
     ) -> None:
         import deepspeed
 
-        assert cfg.model is not None
         self.cfg, self.parallel = cfg, parallel
         self.pipelined = parallel.layout.pipeline > 1
         dtype = DTYPES[cfg.train.precision]
         # One guard for the step's non-finite decision, shared by the loss and the optimizer.
         self.guard = NonFiniteGuard()
-        self.loss_fn = PipelineLoss(cfg.model.vocab_size, self.guard)
+        self.test_nan_loss = False  # test hook: the failure tests' `nan-loss` fault, see checked
+        self.loss_fn = PipelineLoss(cfg.model.vocab_size, self.checked)
         module: nn.Module
         # On a GPU the weights are drawn there: megatron-core's CPU-style initialisation draws
         # each full weight on the default device and keeps this rank's slice, so every layout
@@ -169,8 +163,7 @@ class TrainEngine:
             # as divergence instead and stops after train.max_skipped_steps of them.
             scaler.raise_error_at_min_scale = False
 
-    def _build_module(self, cfg: KilnConfig, parallel: Parallel, dtype, initialize: bool):
-        assert cfg.model is not None
+    def _build_module(self, cfg: RunConfig, parallel: Parallel, dtype, initialize: bool):
         compile = compile_enabled(cfg, parallel.device)
         if self.pipelined:
             return build_pipeline(
@@ -202,10 +195,16 @@ class TrainEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, micro_batches: list[Batch], lr: float, poison: bool = False) -> StepResult:
-        """One optimizer step; `poison` makes the loss NaN (the failure tests' fault)."""
+    def checked(self, loss: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's training loss, noted by the guard (NaN while `test_nan_loss`)."""
+        if self.test_nan_loss:
+            loss = loss * float("nan")
+        self.guard.note_loss(loss)  # no host sync: read once, at the step
+        return loss
+
+    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+        """One optimizer step."""
         self.set_lr(lr)
-        self.loss_fn.poison = poison
         self.guard.begin_step()
         scale = self.loss_scale()
         micro_batches = [self._to_device(b) for b in micro_batches]
@@ -214,10 +213,7 @@ class TrainEngine:
         else:
             losses = []
             for batch in micro_batches:
-                micro_loss = self.engine(*batch)
-                if poison:
-                    micro_loss = micro_loss * float("nan")
-                self.guard.note_loss(micro_loss)  # no host sync: read once, at the step
+                micro_loss = self.checked(self.engine(*batch))
                 self.engine.backward(micro_loss)
                 # DeepSpeed's engine.step() steps the optimizer only at the gradient
                 # accumulation boundary (after the last micro-batch); every other call just

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 
-from pretrain.config.schema import ModelConfig
+from pretrain.config.schema import ResolvedModel, ResolvedT5Model, is_encoder_decoder
 from pretrain.model.sizing import count_parameters, padded_vocab_size
 
 # Dense (non-sparse) tensor-core peak FLOP/s per GPU: (name, 16-bit, fp32 via TF32).
@@ -53,7 +53,7 @@ HALF_PRECISIONS = ("bf16", "fp16")
 FULL_PRECISIONS = ("fp32", "tf32")
 
 
-def matmul_parameters(model: ModelConfig, tensor: int = 1) -> int:
+def matmul_parameters(model: ResolvedModel, tensor: int = 1) -> int:
     """Parameters that take part in matrix multiplies (see the module docstring)."""
     vocab = padded_vocab_size(model.vocab_size, tensor)
     lookups = 0 if model.tie_embeddings else vocab * model.hidden_size
@@ -63,23 +63,23 @@ def matmul_parameters(model: ModelConfig, tensor: int = 1) -> int:
 
 
 def flops_per_token(
-    model: ModelConfig, seq_length: int, tensor: int = 1, decoder_length: int | None = None
+    model: ResolvedModel, seq_length: int, tensor: int = 1, decoder_length: int | None = None
 ) -> float:
     """Training FLOPs (forward + backward) per token at sequence length `seq_length`; a t5's
-    per encoder token, with `decoder_length` decoder tokens per sample."""
-    if model.encoder_decoder:
-        assert decoder_length is not None, "a t5's FLOPs need the decoder's length"
+    per encoder token, with `decoder_length` decoder tokens per sample (required)."""
+    if is_encoder_decoder(model):
+        if decoder_length is None:
+            raise ValueError("a t5's FLOPs need the decoder's length (spans.decoder_length)")
         return encoder_decoder_flops(model, seq_length, decoder_length, tensor) / seq_length
     attention = 12 * model.num_layers * model.hidden_size * seq_length
     return float(6 * matmul_parameters(model, tensor) + attention)
 
 
 def encoder_decoder_flops(
-    model: ModelConfig, encoder_length: int, decoder_length: int, tensor: int = 1
+    model: ResolvedT5Model, encoder_length: int, decoder_length: int, tensor: int = 1
 ) -> float:
     """Training FLOPs of one t5 sample (see the module docstring)."""
     h, f = model.hidden_size, model.ffn_hidden_size
-    assert f is not None and model.decoder_layers is not None
     E, D = encoder_length, decoder_length  # noqa: N806 (the docstring's names)
     mlp = (3 if model.feed_forward == "gated-gelu" else 2) * h * f
     layer = 4 * h * h + mlp

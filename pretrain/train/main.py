@@ -2,7 +2,9 @@
 
 Launched by `kiln train` (locally, or through Slurm, Kubernetes or Ray), with the launcher's
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in the environment. The run
-directory already holds the resolved, validated `config.yaml`.
+directory already holds the resolved, validated `config.yaml`. A user mistake found here (a
+`KilnError`: the data, a checkpoint, a tracking server) ends the rank with one line on rank 0
+and the error's exit code (2); the launcher stops the others and relays it.
 """
 
 from __future__ import annotations
@@ -10,17 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 
-
-def quiet_imports() -> None:
-    """Keep start-up noise that tells the user nothing out of the run's output."""
-    import torch
-
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from data_pipeline.errors import KilnError
+from pretrain.startup import quiet_imports
 
 
 def main() -> int:
@@ -30,7 +25,12 @@ def main() -> int:
     quiet_imports()
     from .trainer import train
 
-    return train(args.run_dir)
+    try:
+        return train(args.run_dir)
+    except KilnError as error:  # a user mistake found where the ranks run: one line
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets most of them alike
+            print(error.line("kiln train"), file=sys.stderr, flush=True)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from data_pipeline.errors import KilnError
 from pretrain.config.schema import MlflowConfig, WandbConfig
 
 RUN_ID_FILE = "wandb_run_id"
@@ -36,7 +37,7 @@ MLFLOW_BATCH = 1000  # metric points a log_batch request carries at most
 REACH_TIMEOUT_S = 10.0
 
 
-class TrackingError(RuntimeError):
+class TrackingError(KilnError):
     """A tracking server that cannot be reached or that refuses the run; one line."""
 
 

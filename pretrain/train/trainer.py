@@ -2,15 +2,15 @@
 
 Every rank runs `train(run_dir)`. The run directory holds the resolved `config.yaml` (written
 by `kiln train` before any process starts); the loop resumes from the latest checkpoint there,
-evaluates every `eval.interval` steps, saves every `checkpoint.interval` steps, at the end and
-when SIGTERM or SIGINT arrives, and logs every step to `metrics.jsonl`, TensorBoard, W&B and
-MLflow (those configured) from rank 0, with system metrics and alerts (`alerts.py`).
+evaluates every `eval.interval` steps (`validation.py`), saves every `checkpoint.interval`
+steps, at the end and when SIGTERM or SIGINT arrives, stops when the run diverges
+(`divergence.py`), and logs every step to `metrics.jsonl`, TensorBoard, W&B and MLflow (those
+configured) from rank 0, with system metrics and alerts (`alerts.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import resource
 import signal
 import sys
@@ -22,18 +22,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain.config import KilnConfig, dump_config, load_config
+from data_pipeline.errors import KilnError
+from pretrain.config import KilnConfig, RunConfig, dump_config, load_config, resolve_run
 from pretrain.data import (
     DataDirError,
     build_train_samples,
     build_validation_samples,
     configured_sources,
 )
-from pretrain.data.masking import Masker, MaskingError, masked_micro_batch
+from pretrain.data.masking import Masker, masked_micro_batch
 from pretrain.data.prefetch import BatchPrefetcher
 from pretrain.data.sampling import micro_batch, rank_batch_indices
 from pretrain.data.spans import (
-    SpanCorruptionError,
     SpanCorruptor,
     sample_length,
     span_micro_batch,
@@ -43,27 +43,28 @@ from pretrain.model.sizing import count_parameters, human_count
 from pretrain.model.transformer import attention_backend
 from pretrain.parallel.layout import Layout, init_distributed, pick_device, setup_parallel
 
+from . import fault_injection
 from .alerts import RunWatch
-from .checkpoint import CheckpointManager, TrainerState, describe_layout, fault_active
+from .checkpoint import CheckpointManager, TrainerState, describe_rank_layout
+from .divergence import DivergenceWatch
 from .engine import DTYPES, Batch, StepResult, TrainEngine, compile_enabled
 from .flops import flops_per_token, mfu, peak_flops
 from .schedule import lr_at
 from .state_pieces import StateLayout
 from .tracking import MetricsLog, MlflowSink, TensorBoardSink, TrackingError, WandbTracker
-from .weights import CheckpointError
+from .validation import Validator, val_metrics
 
-EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT = 0, 3, 2
+EXIT_OK, EXIT_DIVERGED = 0, 3  # a user mistake: KilnError.exit_code (2)
 
 
-class RunError(ValueError):
+class RunError(KilnError):
     """A user mistake found only where the ranks run (the data, the device)."""
 
 
 class TrainingData:
     """This data-parallel rank's micro-batches of any step, training or validation."""
 
-    def __init__(self, cfg: KilnConfig, data_rank: int) -> None:
-        assert cfg.train.seq_length is not None and cfg.model is not None
+    def __init__(self, cfg: RunConfig, data_rank: int) -> None:
         sources = configured_sources(cfg.data)
         for path, _ in sources:
             vocab = read_manifest(path)["tokenizer"]["vocab_size"]
@@ -93,7 +94,6 @@ class TrainingData:
         carries over a resume under another layout, or another global batch size."""
         train, par = self.cfg.train, self.cfg.parallel
         samples = self.train if split == "train" else self.valid
-        assert train.gradient_accumulation_steps is not None and par.data is not None
         out = []
         for micro in range(train.gradient_accumulation_steps):
             indices = rank_batch_indices(
@@ -155,11 +155,7 @@ class Reporter:
             return
         self.metrics.truncate_after(start_step)
         config_dict = cfg.model_dump(mode="json")
-        try:
-            self.mlflow = MlflowSink.start(run_dir, cfg.logging.mlflow, config_dict)
-        except TrackingError as error:
-            print(f"kiln train: {error}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_BAD_INPUT) from None
+        self.mlflow = MlflowSink.start(run_dir, cfg.logging.mlflow, config_dict)
         if cfg.logging.tensorboard:
             self.tensorboard = TensorBoardSink(run_dir / "tensorboard", start_step)
         self.wandb = WandbTracker.start(run_dir, cfg.logging.wandb, config_dict, None)
@@ -239,18 +235,17 @@ def system_metrics(device: torch.device) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: KilnConfig, run_dir: Path) -> None:
-        assert cfg.model is not None and cfg.parallel.data is not None
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed % 2**32)
         device = pick_device()
         if device.type == "cpu" and cfg.train.precision == "fp16":
-            if not fault_active("fp16-on-cpu", 0):
+            if not fault_injection.fp16_on_cpu():
                 raise RunError(
                     "train.precision = fp16: DeepSpeed has no fp16 on CPU; use bf16 or fp32"
                 )
-            allow_fp16_on_cpu()
+            fault_injection.allow_fp16_on_cpu()
         init_distributed(device)
         layout = Layout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data)
         self.parallel = setup_parallel(layout, device)
@@ -270,6 +265,9 @@ class Trainer:
             prepare_module=None
             if resume is None
             else lambda module: self.checkpoints.load_weights(module, resume, self.layout),
+        )
+        self.validator = Validator(
+            cfg.eval, cfg.train.global_batch_size, self.data.batches, self.engine.evaluate
         )
         self.optimizer_restored = False
         self.config_yaml = dump_config(cfg)
@@ -294,7 +292,7 @@ class Trainer:
         stop = StopRequest()
         stop.install()
         try:
-            return self._loop(state, report, stop, evaluate_first=state.step == 0)
+            return self._loop(state, report, stop)
         finally:
             stop.uninstall()
             self.checkpoints.close()
@@ -303,7 +301,6 @@ class Trainer:
 
     def _introduce(self, report: Reporter, state: TrainerState) -> None:
         cfg, layout = self.cfg, self.parallel.layout
-        assert cfg.model is not None
         params = count_parameters(cfg.model)
         report.say(
             f"kiln train: {cfg.model.arch} {human_count(params)} parameters | "
@@ -334,88 +331,36 @@ class Trainer:
                 if self.optimizer_restored
                 else "Adam starts afresh (the checkpoint holds no Adam state)"
             )
-            source = resume.written_by.get("source") or describe_layout(resume.written_by)
+            source = resume.written_by.get("source") or describe_rank_layout(resume.written_by)
             report.say(
-                f"resharded from {source} to {describe_layout(self.layout.describe())}, {adam}"
+                f"resharded from {source} to {describe_rank_layout(self.layout.describe())}, {adam}"
             )
 
-    def _loop(
-        self, state: TrainerState, report: Reporter, stop: StopRequest, evaluate_first: bool
-    ) -> int:
+    def _loop(self, state: TrainerState, report: Reporter, stop: StopRequest) -> int:
+        """Train to `train.steps`, or until a stop signal or divergence; the exit code."""
         cfg = self.cfg
-        last_saved = state.step if evaluate_first is False else None
-        first_val = val = None
-        if evaluate_first and cfg.eval.interval:
-            first_val = val = self.evaluate()
-            report.log(state.step, {"val_loss": val, "val_ppl": perplexity(val)})
-            report.say(f"step {state.step}: validation loss {val:.4f} (before training)")
-        streak = 0  # steps in a row skipped for divergence (fp16 overflows neither count nor reset)
-        at_min_scale = False  # an fp16 overflow at the minimum loss scale is in the streak
-        watch = RunWatch(cfg.logging.alerts)
+        alerts = RunWatch(cfg.logging.alerts)
+        divergence = DivergenceWatch(cfg.train.max_skipped_steps)
+        self.validator.before_training(state.step, report)
         while state.step < cfg.train.steps:
-            started = time.perf_counter()
-            lr = lr_at(state.step, cfg.optim, cfg.train.steps)
-            poison = fault_active("nan-loss", state.step + 1)
-            following = state.consumed_samples + cfg.train.global_batch_size
-            last = state.step + 1 >= cfg.train.steps
-            batches = self.prefetch.get(state.consumed_samples, None if last else following)
-            waited = time.perf_counter() - started
-            result = self.engine.train_step(batches, lr, poison)
-            elapsed = time.perf_counter() - started
-            self.last_step_s = elapsed
-            state.step += 1
-            state.consumed_samples += cfg.train.global_batch_size
-            values = self._step_metrics(result, lr, elapsed)
-            values["data_wait_share"] = waited / elapsed
-            alerts = watch.update(result.loss, values["tokens_per_s"], result.skipped)
-            for name, why in alerts.items():
-                values[f"alert_{name}"] = 1
-                report.say(f"step {state.step}: alert {name}: {why}")
-            if result.diverged:
-                state.skipped_steps += 1
-                streak += 1
-                report.say(
-                    f"step {state.step}: {skip_reason(result)}, update skipped ({streak} in a row)"
-                )
-                at_min_scale = at_min_scale or result.overflow
-            elif result.overflow:
-                report.say(
-                    f"step {state.step}: fp16 gradients overflowed at loss scale "
-                    f"{result.loss_scale:g}; the loss scaler skipped the update (normal while "
-                    "the scale settles; not counted toward train.max_skipped_steps)"
-                )
-            else:
-                streak, at_min_scale = 0, False
-            if streak >= cfg.train.max_skipped_steps:
+            result, values = self._train_step(state, alerts, report)
+            line = divergence.update(state, result)
+            if line is not None:
+                report.say(line)
+            if divergence.must_stop:
                 report.log(state.step, values)
                 self.checkpoints.wait()
-                latest = self.checkpoints.latest()
-                scale = (
-                    " or fp16 gradients overflowing at the minimum loss scale"
-                    if at_min_scale
-                    else ""
-                )
-                report.say(
-                    f"kiln train: stopping: {streak} steps in a row had a NaN or Inf loss or "
-                    f"gradient{scale} (train.max_skipped_steps = {cfg.train.max_skipped_steps}). "
-                    f"The last good checkpoint is {latest or 'none (no checkpoint yet)'}; "
-                    "lower optim.lr or check the data before resuming."
-                )
+                report.say(divergence.stop_message(self.checkpoints.latest()))
                 return EXIT_DIVERGED
-            if cfg.eval.interval and state.step % cfg.eval.interval == 0:
-                val = self.evaluate()
-                values.update(val_loss=val, val_ppl=perplexity(val))
-            report.log(state.step, values)
-            report.progress(state.step, result.loss, values["tokens_per_s"])
-            if state.step % cfg.logging.interval == 0 or "val_loss" in values:
-                report.say(format_line(state.step, cfg.train.steps, values))
+            if self.validator.due(state.step):
+                values.update(val_metrics(self.validator.validate()))
+            self._record(state.step, result.loss, values, report)
             stopping = stop.agreed(self.parallel.device)
-            if self.checkpoints.due(state.step, last_saved, stopping):
+            if self.checkpoints.due(state.step, stopping):
                 saving = time.perf_counter()
                 self.save(state, report, wait=stopping)
                 # the time the loop stood still for it (async: the copy to host memory)
                 report.log(state.step, {"checkpoint_save_s": time.perf_counter() - saving})
-                last_saved = state.step
             if stopping:
                 self.checkpoints.wait()
                 report.say(
@@ -423,15 +368,44 @@ class Trainer:
                     f"{state.step}; run the same command again to resume"
                 )
                 return EXIT_OK
-        if self.checkpoints.due(state.step, last_saved, stopping=True):
+        return self._finish(state, report)
+
+    def _train_step(
+        self, state: TrainerState, alerts: RunWatch, report: Reporter
+    ) -> tuple[StepResult, dict]:
+        """Take the next step, advancing `state`; the step's result and metrics (its alerts
+        flagged in them and said)."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        lr = lr_at(state.step, cfg.optim, cfg.train.steps)
+        following = state.consumed_samples + cfg.train.global_batch_size
+        last = state.step + 1 >= cfg.train.steps
+        batches = self.prefetch.get(state.consumed_samples, None if last else following)
+        waited = time.perf_counter() - started
+        self.engine.test_nan_loss = fault_injection.nan_loss(state.step + 1)
+        result = self.engine.train_step(batches, lr)
+        elapsed = self.last_step_s = time.perf_counter() - started
+        state.step += 1
+        state.consumed_samples += cfg.train.global_batch_size
+        values = self._step_metrics(result, lr, elapsed)
+        values["data_wait_share"] = waited / elapsed
+        for name, why in alerts.update(result.loss, values["tokens_per_s"], result.skipped).items():
+            values[f"alert_{name}"] = 1
+            report.say(f"step {state.step}: alert {name}: {why}")
+        return result, values
+
+    def _record(self, step: int, loss: float, values: dict, report: Reporter) -> None:
+        report.log(step, values)
+        report.progress(step, loss, values["tokens_per_s"])
+        if step % self.cfg.logging.interval == 0 or "val_loss" in values:
+            report.say(format_line(step, self.cfg.train.steps, values))
+
+    def _finish(self, state: TrainerState, report: Reporter) -> int:
+        """After the last step: the final save and validation, and the run's summary."""
+        if self.checkpoints.due(state.step, stopping=True):
             self.save(state, report, wait=True)
         self.checkpoints.wait()
-        if cfg.eval.interval and state.step % cfg.eval.interval:
-            val = self.evaluate()
-            report.log(state.step, {"val_loss": val, "val_ppl": perplexity(val)})
-            report.say(f"step {state.step}: validation loss {val:.4f}")
-        if first_val is not None and val is not None:
-            report.say(f"validation loss {first_val:.4f} -> {val:.4f} over {state.step} steps")
+        self.validator.after_training(state.step, report)
         report.say(f"kiln train: done, {state.step} steps; checkpoint {self.checkpoints.latest()}")
         return EXIT_OK
 
@@ -447,14 +421,6 @@ class Trainer:
         )
         done = wait or not self.cfg.checkpoint.async_save
         report.say(f"step {state.step}: {'saved' if done else 'saving'} {path}")
-
-    def evaluate(self) -> float:
-        size = self.cfg.train.global_batch_size
-        losses = [
-            self.engine.evaluate(self.data.batches(b * size, split="valid"))
-            for b in range(self.cfg.eval.batches)
-        ]
-        return float(np.mean(losses))
 
     def _step_metrics(self, result, lr: float, elapsed: float) -> dict:
         tokens_per_s = self.tokens_per_step / elapsed
@@ -480,9 +446,8 @@ class Trainer:
         }
 
 
-def state_layout(cfg: KilnConfig, parallel) -> StateLayout:
+def state_layout(cfg: RunConfig, parallel) -> StateLayout:
     """What checkpoint code needs to know about this rank's place in the run."""
-    assert cfg.model is not None and cfg.parallel.data is not None
     coordinates = parallel.coordinates
     return StateLayout(
         tensor=cfg.parallel.tensor,
@@ -496,28 +461,6 @@ def state_layout(cfg: KilnConfig, parallel) -> StateLayout:
         stage=coordinates.pipe,
         data_rank=coordinates.data,
     )
-
-
-def skip_reason(result: StepResult) -> str:
-    if result.overflow:  # and, as it counts, at the minimum scale
-        return (
-            f"fp16 gradients overflowed at the minimum loss scale ({result.loss_scale:g}): "
-            "the run is diverging"
-        )
-    return f"non-finite loss or gradient (loss {result.loss})"
-
-
-def allow_fp16_on_cpu() -> None:
-    """The test fault `fp16-on-cpu`: DeepSpeed's CPU accelerator offers fp16 only where oneDNN
-    has fp16 kernels; PyTorch's own CPU kernels compute it anywhere, slowly, which is enough
-    for the tests of fp16's loss scaling on a machine without a GPU."""
-    from deepspeed.accelerator import get_accelerator
-
-    type(get_accelerator()).is_fp16_supported = lambda self: True
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
 
 
 def format_line(step: int, total: int, values: dict) -> str:
@@ -536,15 +479,10 @@ def train(run_dir: Path) -> int:
     import os
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = load_config(run_dir / "config.yaml", world_size=world_size)
+    cfg = resolve_run(load_config(run_dir / "config.yaml", world_size=world_size))
     if cfg.parallel.tensor > 1:  # before CUDA starts; the schedulers' scripts set it too
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    try:
-        trainer = Trainer(cfg, run_dir)
-    except (DataDirError, MaskingError, SpanCorruptionError, RunError, CheckpointError) as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"kiln train: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    trainer = Trainer(cfg, run_dir)  # a user mistake is a KilnError, told by the entry point
     try:
         return trainer.run()
     finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data_pipeline.errors import KilnError
 from pretrain.model.transformer import projection_parts
 
 from .dcp_io import CheckpointShapeError, Region, load_regions, read_metadata
@@ -34,7 +35,7 @@ FORMAT = 3
 DESCRIPTION = "checkpoint.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KilnError):
     """A checkpoint that is missing, incomplete, of another model or of another format."""
 
 

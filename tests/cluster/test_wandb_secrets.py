@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.plan import wandb_key_source
+from cluster.launch.plan import wandb_key_source
 from tests.conftest import REPO, kiln_executable
 from tests.support.training import SMALL
 
@@ -218,7 +218,7 @@ def test_ray_job_directory_holds_no_key(tmp_path):
         env, "submit", str(config), "--scheduler", "ray", "--address", "http://127.0.0.1:1",
         "--run-dir", str(run_dir), ONLINE,
     )  # fmt: skip
-    assert result.returncode == 1 and "cannot reach the Ray dashboard" in result.stderr
+    assert result.returncode == 2 and "cannot reach the Ray dashboard" in result.stderr
     assert_nowhere(tmp_path, result, [run_dir / "config.yaml", run_dir / "ray-job/config.yaml"])
 
 

@@ -19,7 +19,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from data_pipeline.config import STOP_WORDS
 from data_pipeline.format import ShardReader
 from data_pipeline.runner import PrepareError, prepare
-from data_pipeline.steps.quality import QualityFilter
+from data_pipeline.text.quality import QualityFilter
 from data_pipeline.tokenizer import file_sha256, load_tokenizer
 from pretrain.config import validate_tree
 from tests.support.corpus import distinct_documents, near_copy, write_jsonl
@@ -299,7 +299,7 @@ def test_documents_longer_than_a_piece_round_trip(tmp_path):
 
 def test_tokenizer_sample_split_and_weights_are_independent_choices():
     from data_pipeline.selection import copies_of, hash_pairs, in_tokenizer_sample, split_of
-    from data_pipeline.steps.dedup import text_hash
+    from data_pipeline.text.dedup import text_hash
 
     pairs = hash_pairs([text_hash(f"document {i}") for i in range(20_000)])
     valid = split_of(pairs[:, 0], 0.1)

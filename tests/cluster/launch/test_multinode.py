@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cluster.launch.local import free_port
-from cluster.plan import build_plan
+from cluster.launch.plan import build_plan
 from cluster.rundir import check_trainable, prepare_run_dir
 from tests.conftest import REPO
 from tests.support.training import SMALL, environment, losses

@@ -18,7 +18,7 @@ from data_pipeline.stages.near import (
     near_finalize,
     near_pair_task,
 )
-from data_pipeline.steps.dedup import near_duplicates
+from data_pipeline.text.dedup import near_duplicates
 
 
 def distributed(root: Path, pairs: np.ndarray, similar: np.ndarray, buckets: int):

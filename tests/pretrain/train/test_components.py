@@ -13,7 +13,7 @@ import torch
 from pretrain.config import ModelConfig, load_config
 from pretrain.config.schema import OptimConfig, WandbConfig
 from pretrain.model.sizing import count_parameters, padded_vocab_size
-from pretrain.sampling import sample_next
+from pretrain.token_sampling import sample_next
 from pretrain.train.checkpoint import CheckpointManager, tag_of
 from pretrain.train.flops import flops_per_token, matmul_parameters, mfu, peak_flops
 from pretrain.train.schedule import lr_at, lr_lambda
@@ -349,12 +349,14 @@ def test_invalid_sampling_arguments(kwargs, message):
 
 def test_a_save_is_due_every_interval_and_on_stopping_but_never_twice():
     manager = CheckpointManager(Path("/nonexistent"), keep=2, interval=3)
-    assert [s for s in range(1, 10) if manager.due(s, last_saved=None)] == [3, 6, 9]
-    assert manager.due(4, last_saved=3, stopping=True)
-    assert not manager.due(6, last_saved=6, stopping=True)  # already saved at this step
+    assert [s for s in range(1, 10) if manager.due(s)] == [3, 6, 9]
+    manager.saved_step = 3  # saved, or resumed from, step 3
+    assert manager.due(4, stopping=True)
+    manager.saved_step = 6
+    assert not manager.due(6, stopping=True)  # already saved at this step
     at_end = CheckpointManager(Path("/nonexistent"), keep=2, interval=0)
-    assert not any(at_end.due(s, last_saved=None) for s in range(1, 10))
-    assert at_end.due(9, last_saved=None, stopping=True)
+    assert not any(at_end.due(s) for s in range(1, 10))
+    assert at_end.due(9, stopping=True)
 
 
 def fake_checkpoint(run_dir: Path, step: int) -> None:

@@ -1,6 +1,6 @@
 """Gopher's repetition rules (Rae et al. 2021, appendix A; datatrove's GopherRepetitionFilter),
 in its order: repeated paragraphs and lines (their share, and their characters' share), then the
-top repeated 2-4-gram and the repeated 5-10-grams' characters (see `steps.ngrams`)."""
+top repeated 2-4-gram and the repeated 5-10-grams' characters (see `text.ngrams`)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ Definitions (a rule of `FilterConfig` is named after the measure it bounds):
 - A line (paragraph) is *repeated* when an equal one, compared exactly, comes earlier:
   `duplicate_line_fraction` is repeated lines / lines, `duplicate_line_char_fraction` the
   characters of the repeated lines / `len(text)`; the same for paragraphs.
-- `top_ngram_char_fraction` and `duplicate_ngram_char_fraction`: see `steps.ngrams`; both over
+- `top_ngram_char_fraction` and `duplicate_ngram_char_fraction`: see `text.ngrams`; both over
   `len(text)`.
 
 A ratio whose denominator is zero (no words, lines, paragraphs or characters) is 0.0.

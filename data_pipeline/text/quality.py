@@ -5,7 +5,7 @@ stop words, Gopher repetition); a document leaves at its first failed rule. Docu
 checked in chunks of about 256k characters: the word measures are computed for a whole chunk
 with a few numpy calls, the line, paragraph and n-gram measures only for the documents that
 passed every earlier rule. A document's result never depends on the other documents of its
-batch. What each rule measures: `steps.measures` and `steps.ngrams`.
+batch. What each rule measures: `text.measures` and `text.ngrams`.
 """
 
 from __future__ import annotations

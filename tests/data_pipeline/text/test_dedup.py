@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.config import NearDedupConfig
-from data_pipeline.steps.dedup import (
+from data_pipeline.text.dedup import (
     EMPTY,
     MinHasher,
     candidate_pairs,
@@ -138,7 +138,7 @@ def fingerprint() -> list[str]:
 
 
 def test_signatures_identical_across_processes():
-    script = "from tests.data_pipeline.steps.test_dedup import fingerprint; print(*fingerprint())"
+    script = "from tests.data_pipeline.text.test_dedup import fingerprint; print(*fingerprint())"
     outputs = []
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}

@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 
 from data_pipeline.config import FilterConfig
-from data_pipeline.steps.quality import (
+from data_pipeline.text.quality import (
     BULLETS,
     RULE_ORDER,
     NgramIndex,
@@ -437,8 +437,8 @@ def test_batch_equals_one_by_one_across_chunks() -> None:
 DETERMINISM_SCRIPT = """
 import json, random
 from data_pipeline.config import FilterConfig
-from data_pipeline.steps.quality import QualityFilter, top_ngram_char_fraction
-from data_pipeline.steps.quality import duplicate_ngram_char_fraction
+from data_pipeline.text.quality import QualityFilter, top_ngram_char_fraction
+from data_pipeline.text.quality import duplicate_ngram_char_fraction
 rng = random.Random(5)
 vocab = ["alpha", "beta", "gamma", "delta", "#", "x", "yy"]
 texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 200))) for _ in range(200)]

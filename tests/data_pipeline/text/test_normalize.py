@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.config import NormalizeConfig
-from data_pipeline.steps.normalize import has_control_characters, normalize_text
+from data_pipeline.text.normalize import has_control_characters, normalize_text
 
 BOTH = NormalizeConfig()
 WHITESPACE_ONLY = NormalizeConfig(unicode_nfc=False)

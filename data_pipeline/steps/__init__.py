@@ -1,1 +1,0 @@
-"""Pipeline steps: each small, each counting what it did."""
