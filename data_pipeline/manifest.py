@@ -62,7 +62,36 @@ def build_manifest(
         "near_duplicates": near_removed,
         "malformed": malformed,
     }
-    steps = [
+    return {
+        "format_version": FORMAT_VERSION,
+        "kiln_version": _kiln_version(),
+        "fingerprint": fingerprint,
+        "counts": counts,
+        "tokenizer": tokenizer,
+        "shards": shards,
+        "passes": _passes(tokenized),
+        "steps": _step_records(counts, cleaning, after_filters, near, tokenized, shards),
+        "removed_sample": {f"removed/{kind}.jsonl": count for kind, count in removed.items()},
+        "inputs": _inputs(config, plan.parts, clean),
+        "timings_s": timings,
+        "execution": {**execution, "throughput": throughput},
+        "config": config,
+    }
+
+
+def _step_records(
+    counts: dict[str, Any],
+    cleaning: list[dict[str, Any]],
+    after_filters: int,
+    near: dict[str, int],
+    tokenized: list[dict],
+    shards: list[dict],
+) -> list[dict[str, Any]]:
+    """What each step saw and did, in the pipeline's order."""
+    read, malformed = counts["in"], counts["malformed"]
+    exact_removed, near_removed = counts["exact_duplicates"], counts["near_duplicates"]
+    weight_filtered = sum(t["weight_filtered"] for t in tokenized)
+    return [
         {"step": "read", "documents": read, "malformed": malformed},
         *cleaning,
         {"step": "exact_dedup", "in": after_filters, "removed": exact_removed},
@@ -98,28 +127,17 @@ def build_manifest(
             },
         },
     ]
+
+
+def _passes(tokenized: list[dict]) -> dict[str, list[int]]:
+    """Documents of each pass over the corpus order, per split: the training sampler shuffles
+    documents within a pass, so that copies a pass apart never meet."""
     return {
-        "format_version": FORMAT_VERSION,
-        "kiln_version": _kiln_version(),
-        "fingerprint": fingerprint,
-        "counts": counts,
-        "tokenizer": tokenizer,
-        "shards": shards,
-        # documents of each pass over the corpus order, per split: the training sampler
-        # shuffles documents within a pass, so that copies a pass apart never meet
-        "passes": {
-            split: [
-                sum(t["streams"][split][index][0] for t in tokenized)
-                for index in range(len(tokenized[0]["streams"][split]) if tokenized else 0)
-            ]
-            for split in ("train", "valid")
-        },
-        "steps": steps,
-        "removed_sample": {f"removed/{kind}.jsonl": count for kind, count in removed.items()},
-        "inputs": _inputs(config, plan.parts, clean),
-        "timings_s": timings,
-        "execution": {**execution, "throughput": throughput},
-        "config": config,
+        split: [
+            sum(t["streams"][split][index][0] for t in tokenized)
+            for index in range(len(tokenized[0]["streams"][split]) if tokenized else 0)
+        ]
+        for split in ("train", "valid")
     }
 
 

@@ -321,34 +321,10 @@ def hf_config(
     padding and decoder start). A t5's in memory: `transformers` 5 always ties T5's head to
     its embedding in memory and reads v1.1 from `scale_decoder_outputs` = False;
     `pretrain.hf.export.write_config` writes `tie_word_embeddings: false` for it as well."""
-    from transformers import GPT2Config, LlamaConfig, MegatronBertConfig, T5Config
-
     check_exportable(model)
     dtype_name = str(dtype).removeprefix("torch.")
     if is_encoder_decoder(model):
-        config = T5Config(
-            vocab_size=model.vocab_size,
-            d_model=model.hidden_size,
-            d_kv=model.head_dim,
-            d_ff=model.ffn_hidden_size,
-            num_layers=model.num_layers,
-            num_decoder_layers=model.decoder_layers,
-            num_heads=model.num_heads,
-            relative_attention_num_buckets=model.relative_buckets,
-            relative_attention_max_distance=model.relative_max_distance,
-            dropout_rate=0.0,
-            layer_norm_epsilon=model.norm_eps,
-            initializer_factor=1.0,
-            feed_forward_proj=model.feed_forward,
-            is_encoder_decoder=True,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-            decoder_start_token_id=pad_id,
-            tie_word_embeddings=bool(model.tie_embeddings),  # -> scale_decoder_outputs
-            dtype=dtype_name,
-        )
-        config.architectures = ["T5ForConditionalGeneration"]
-        return config
+        return _t5_config(model, eos_id, pad_id, dtype_name)
     common = dict(
         vocab_size=model.vocab_size,
         tie_word_embeddings=bool(model.tie_embeddings),
@@ -358,58 +334,104 @@ def hf_config(
         dtype=dtype_name,
     )
     if model.arch == "bert":
-        config = MegatronBertConfig(
-            hidden_size=model.hidden_size,
-            num_hidden_layers=model.num_layers,
-            num_attention_heads=model.num_heads,
-            intermediate_size=model.ffn_hidden_size,
-            hidden_act="gelu",  # exact (erf) GELU, as Kiln's bert
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            max_position_embeddings=model.max_seq_length,
-            type_vocab_size=1,
-            layer_norm_eps=model.norm_eps,
-            pad_token_id=pad_id,
-            is_decoder=False,
-            **{**common, "bos_token_id": None},
-        )
-        config.architectures = ["MegatronBertForMaskedLM"]
-        return config
+        return _bert_config(model, pad_id, common)
     if model.arch == "llama":
-        config = LlamaConfig(
-            hidden_size=model.hidden_size,
-            intermediate_size=model.ffn_hidden_size,
-            num_hidden_layers=model.num_layers,
-            num_attention_heads=model.num_heads,
-            num_key_value_heads=model.num_kv_heads,
-            head_dim=model.head_dim,
-            hidden_act="silu",
-            max_position_embeddings=model.max_seq_length,
-            rms_norm_eps=model.norm_eps,
-            rope_theta=model.rope_base,
-            attention_bias=False,
-            mlp_bias=False,
-            **common,
-        )
-        config.architectures = ["LlamaForCausalLM"]
-    else:
-        config = GPT2Config(
-            n_embd=model.hidden_size,
-            n_layer=model.num_layers,
-            n_head=model.num_heads,
-            n_inner=model.ffn_hidden_size,
-            n_positions=model.max_seq_length,
-            activation_function="gelu_new",
-            layer_norm_epsilon=model.norm_eps,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            scale_attn_weights=True,
-            scale_attn_by_inverse_layer_idx=False,
-            reorder_and_upcast_attn=False,
-            **common,
-        )
-        config.architectures = ["GPT2LMHeadModel"]
+        return _llama_config(model, common)
+    return _gpt2_config(model, common)
+
+
+def _t5_config(model: ResolvedT5Model, eos_id: int | None, pad_id: int | None, dtype: str):
+    from transformers import T5Config
+
+    config = T5Config(
+        vocab_size=model.vocab_size,
+        d_model=model.hidden_size,
+        d_kv=model.head_dim,
+        d_ff=model.ffn_hidden_size,
+        num_layers=model.num_layers,
+        num_decoder_layers=model.decoder_layers,
+        num_heads=model.num_heads,
+        relative_attention_num_buckets=model.relative_buckets,
+        relative_attention_max_distance=model.relative_max_distance,
+        dropout_rate=0.0,
+        layer_norm_epsilon=model.norm_eps,
+        initializer_factor=1.0,
+        feed_forward_proj=model.feed_forward,
+        is_encoder_decoder=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        decoder_start_token_id=pad_id,
+        tie_word_embeddings=bool(model.tie_embeddings),  # -> scale_decoder_outputs
+        dtype=dtype,
+    )
+    config.architectures = ["T5ForConditionalGeneration"]
+    return config
+
+
+def _bert_config(model: ResolvedModel, pad_id: int | None, common: dict):
+    from transformers import MegatronBertConfig
+
+    config = MegatronBertConfig(
+        hidden_size=model.hidden_size,
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_heads,
+        intermediate_size=model.ffn_hidden_size,
+        hidden_act="gelu",  # exact (erf) GELU, as Kiln's bert
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=model.max_seq_length,
+        type_vocab_size=1,
+        layer_norm_eps=model.norm_eps,
+        pad_token_id=pad_id,
+        is_decoder=False,
+        **{**common, "bos_token_id": None},
+    )
+    config.architectures = ["MegatronBertForMaskedLM"]
+    return config
+
+
+def _llama_config(model: ResolvedModel, common: dict):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=model.hidden_size,
+        intermediate_size=model.ffn_hidden_size,
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_heads,
+        num_key_value_heads=model.num_kv_heads,
+        head_dim=model.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=model.max_seq_length,
+        rms_norm_eps=model.norm_eps,
+        rope_theta=model.rope_base,
+        attention_bias=False,
+        mlp_bias=False,
+        **common,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+def _gpt2_config(model: ResolvedModel, common: dict):
+    from transformers import GPT2Config
+
+    config = GPT2Config(
+        n_embd=model.hidden_size,
+        n_layer=model.num_layers,
+        n_head=model.num_heads,
+        n_inner=model.ffn_hidden_size,
+        n_positions=model.max_seq_length,
+        activation_function="gelu_new",
+        layer_norm_epsilon=model.norm_eps,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        scale_attn_weights=True,
+        scale_attn_by_inverse_layer_idx=False,
+        reorder_and_upcast_attn=False,
+        **common,
+    )
+    config.architectures = ["GPT2LMHeadModel"]
     return config
 
 
@@ -419,90 +441,96 @@ def model_settings(config) -> dict:
     def refuse(key: str, value, rule: str) -> ConversionError:
         return ConversionError(f"{config.model_type} config {key} = {value}: {rule}")
 
-    if config.model_type == "llama":
-        rope = getattr(config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default":
-            raise refuse("rope_parameters.rope_type", rope_type, "Kiln has plain RoPE only")
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        if config.hidden_act != "silu":
-            raise refuse("hidden_act", config.hidden_act, "Kiln's Llama MLP is SwiGLU (silu)")
-        for flag in ("attention_bias", "mlp_bias"):
-            if getattr(config, flag, False):
-                raise refuse(flag, True, "Kiln's Llama has no biases")
-        head_dim = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    readers = {
+        "llama": _llama_settings,
+        "gpt2": _gpt2_settings,
+        "megatron-bert": _bert_settings,
+        "t5": t5_settings,
+    }
+    if config.model_type not in readers:
+        raise ConversionError(
+            f"model_type = {config.model_type}: Kiln imports Llama (llama), GPT-2 (gpt2), "
+            "MegatronBert (megatron-bert) and T5 (t5) models"
         )
-        if head_dim * config.num_attention_heads != config.hidden_size:
-            raise refuse("head_dim", head_dim, "Kiln needs head_dim x num_heads = hidden_size")
-        return {
-            "arch": "llama",
-            "num_layers": config.num_hidden_layers,
-            "hidden_size": config.hidden_size,
-            "num_heads": config.num_attention_heads,
-            "num_kv_heads": config.num_key_value_heads or config.num_attention_heads,
-            "ffn_hidden_size": config.intermediate_size,
-            "vocab_size": config.vocab_size,
-            "max_seq_length": config.max_position_embeddings,
-            "rope_base": float(theta),
-            "tie_embeddings": bool(config.tie_word_embeddings),
-            "norm_eps": float(config.rms_norm_eps),
-            "init_std": float(config.initializer_range),
-        }
-    if config.model_type == "gpt2":
-        if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise refuse(
-                "activation_function", config.activation_function, "Kiln's GPT uses tanh GELU"
-            )
-        if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
-            raise refuse("scale_attn_*", True, "Kiln scales attention by 1/sqrt(head size) only")
-        return {
-            "arch": "gpt",
-            "num_layers": config.n_layer,
-            "hidden_size": config.n_embd,
-            "num_heads": config.n_head,
-            "num_kv_heads": config.n_head,
-            "ffn_hidden_size": config.n_inner or 4 * config.n_embd,
-            "vocab_size": config.vocab_size,
-            "max_seq_length": config.n_positions,
-            "tie_embeddings": bool(config.tie_word_embeddings),
-            "norm_eps": float(config.layer_norm_epsilon),
-            "init_std": float(config.initializer_range),
-        }
-    if config.model_type == "megatron-bert":
-        position = getattr(config, "position_embedding_type", None) or "absolute"
-        if position != "absolute":
-            raise refuse(
-                "position_embedding_type", position, "Kiln's bert has learned absolute positions"
-            )
-        if config.hidden_act != "gelu":
-            raise refuse("hidden_act", config.hidden_act, "Kiln's bert uses exact GELU (gelu)")
-        if not getattr(config, "tie_word_embeddings", True):
-            raise refuse(
-                "tie_word_embeddings", False, "Kiln's bert decodes with its embedding matrix"
-            )
-        if config.is_decoder:
-            raise refuse("is_decoder", True, "Kiln's bert is an encoder (bidirectional attention)")
-        return {
-            "arch": "bert",
-            "num_layers": config.num_hidden_layers,
-            "hidden_size": config.hidden_size,
-            "num_heads": config.num_attention_heads,
-            "num_kv_heads": config.num_attention_heads,
-            "ffn_hidden_size": config.intermediate_size,
-            "vocab_size": config.vocab_size,
-            "max_seq_length": config.max_position_embeddings,
-            "positions": "learned",
-            "tie_embeddings": True,
-            "norm_eps": float(config.layer_norm_eps),
-            "init_std": float(config.initializer_range),
-        }
-    if config.model_type == "t5":
-        return t5_settings(config, refuse)
-    raise ConversionError(
-        f"model_type = {config.model_type}: Kiln imports Llama (llama), GPT-2 (gpt2), "
-        "MegatronBert (megatron-bert) and T5 (t5) models"
-    )
+    return readers[config.model_type](config, refuse)
+
+
+def _llama_settings(config, refuse: Callable[[str, object, str], ConversionError]) -> dict:
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise refuse("rope_parameters.rope_type", rope_type, "Kiln has plain RoPE only")
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if config.hidden_act != "silu":
+        raise refuse("hidden_act", config.hidden_act, "Kiln's Llama MLP is SwiGLU (silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(config, flag, False):
+            raise refuse(flag, True, "Kiln's Llama has no biases")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        raise refuse("head_dim", head_dim, "Kiln needs head_dim x num_heads = hidden_size")
+    return {
+        "arch": "llama",
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_heads": config.num_attention_heads,
+        "num_kv_heads": config.num_key_value_heads or config.num_attention_heads,
+        "ffn_hidden_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "max_seq_length": config.max_position_embeddings,
+        "rope_base": float(theta),
+        "tie_embeddings": bool(config.tie_word_embeddings),
+        "norm_eps": float(config.rms_norm_eps),
+        "init_std": float(config.initializer_range),
+    }
+
+
+def _gpt2_settings(config, refuse: Callable[[str, object, str], ConversionError]) -> dict:
+    if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise refuse("activation_function", config.activation_function, "Kiln's GPT uses tanh GELU")
+    if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
+        raise refuse("scale_attn_*", True, "Kiln scales attention by 1/sqrt(head size) only")
+    return {
+        "arch": "gpt",
+        "num_layers": config.n_layer,
+        "hidden_size": config.n_embd,
+        "num_heads": config.n_head,
+        "num_kv_heads": config.n_head,
+        "ffn_hidden_size": config.n_inner or 4 * config.n_embd,
+        "vocab_size": config.vocab_size,
+        "max_seq_length": config.n_positions,
+        "tie_embeddings": bool(config.tie_word_embeddings),
+        "norm_eps": float(config.layer_norm_epsilon),
+        "init_std": float(config.initializer_range),
+    }
+
+
+def _bert_settings(config, refuse: Callable[[str, object, str], ConversionError]) -> dict:
+    position = getattr(config, "position_embedding_type", None) or "absolute"
+    if position != "absolute":
+        raise refuse(
+            "position_embedding_type", position, "Kiln's bert has learned absolute positions"
+        )
+    if config.hidden_act != "gelu":
+        raise refuse("hidden_act", config.hidden_act, "Kiln's bert uses exact GELU (gelu)")
+    if not getattr(config, "tie_word_embeddings", True):
+        raise refuse("tie_word_embeddings", False, "Kiln's bert decodes with its embedding matrix")
+    if config.is_decoder:
+        raise refuse("is_decoder", True, "Kiln's bert is an encoder (bidirectional attention)")
+    return {
+        "arch": "bert",
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_heads": config.num_attention_heads,
+        "num_kv_heads": config.num_attention_heads,
+        "ffn_hidden_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "max_seq_length": config.max_position_embeddings,
+        "positions": "learned",
+        "tie_embeddings": True,
+        "norm_eps": float(config.layer_norm_eps),
+        "init_std": float(config.initializer_range),
+    }
 
 
 # T5's (is_gated_act, dense_act_fn), derived from feed_forward_proj -> Kiln's feed_forward
