@@ -52,8 +52,49 @@ def tokenize_part(
     forced_before = encoder.forced_cuts  # the encoder is shared by the tasks of a process
     exact, exact_kept = drops_of(work, "exact", part, exact_buckets)
     near, near_kept = drops_of(work, "near", part, near_buckets)
-    weight = data.inputs[part.input_index].weight
     chooser = DuplicateSample(data.removed_sample)
+    lengths, copies, valid, weight_filtered = _write_tokens(
+        work, part, data, encoder, chooser, (exact, exact_kept), (near, near_kept)
+    )
+    atomic.write_arrays(
+        work.part_file("tokens", part, ".npz"),
+        lengths=lengths,
+        copies=copies,
+        valid=valid,
+    )
+    chooser.write(work.part_file("tokens", part, ".removed.parquet"))
+    stats = {
+        "part": part.index,
+        "documents": int(len(lengths)),
+        "tokens": int(lengths.sum()),
+        "exact_removed": int(len(exact)),
+        "near_removed": int(len(near)),
+        "weight_filtered": weight_filtered,
+        "extra_copies": int((copies - 1).sum()),
+        "forced_cuts": encoder.forced_cuts - forced_before,
+        "streams": _streams(lengths, copies, valid, passes),
+        "seconds": round(time.perf_counter() - started, 3),
+        "node": current_node(),
+    }
+    atomic.write_json(done, stats)
+    return stats
+
+
+def _write_tokens(
+    work: WorkDir,
+    part: Part,
+    data: DataConfig,
+    encoder: DocumentEncoder,
+    chooser: DuplicateSample,
+    exact_drops: tuple[np.ndarray, np.ndarray],
+    near_drops: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Encode the part's documents that survive both dedup kinds and their input's weight into
+    its .tokens file (EOS after each), offering the dropped ones to `chooser`; return each
+    written document's length, copies and split (valid: True), and the documents the weight
+    left out."""
+    (exact, exact_kept), (near, near_kept) = exact_drops, near_drops
+    weight = data.inputs[part.input_index].weight
     token_file = work.part_file("tokens", part, ".tokens")
     tmp = token_file.with_name(token_file.name + f".tmp.{os.getpid()}")
     lengths, copies, valid = [], [], []
@@ -74,43 +115,23 @@ def tokenize_part(
             copies.append(count[written])
             valid.append(split_of(hashes[written, 0], data.shards.validation_fraction))
     os.replace(tmp, token_file)
-    lengths_all, copies_all, valid_all = (
-        _cat(lengths, np.int64),
-        _cat(copies, np.int64),
-        _cat(valid, bool),
-    )
-    atomic.write_arrays(
-        work.part_file("tokens", part, ".npz"),
-        lengths=lengths_all,
-        copies=copies_all,
-        valid=valid_all,
-    )
-    chooser.write(work.part_file("tokens", part, ".removed.parquet"))
-    streams = {
+    return _cat(lengths, np.int64), _cat(copies, np.int64), _cat(valid, bool), weight_filtered
+
+
+def _streams(
+    lengths: np.ndarray, copies: np.ndarray, valid: np.ndarray, passes: int
+) -> dict[str, list[list[int]]]:
+    """[documents, tokens] that each split receives from the part in each pass (a document
+    with n copies is in the first n passes)."""
+    return {
         split: [
-            [int(chosen.sum()), int(lengths_all[chosen].sum())]
+            [int(chosen.sum()), int(lengths[chosen].sum())]
             for chosen in (
-                (valid_all if split == "valid" else ~valid_all) & (copies_all > p)
-                for p in range(passes)
+                (valid if split == "valid" else ~valid) & (copies > p) for p in range(passes)
             )
         ]
         for split in SPLITS
     }
-    stats = {
-        "part": part.index,
-        "documents": int(len(lengths_all)),
-        "tokens": int(lengths_all.sum()),
-        "exact_removed": int(len(exact)),
-        "near_removed": int(len(near)),
-        "weight_filtered": weight_filtered,
-        "extra_copies": int((copies_all - 1).sum()),
-        "forced_cuts": encoder.forced_cuts - forced_before,
-        "streams": streams,
-        "seconds": round(time.perf_counter() - started, 3),
-        "node": current_node(),
-    }
-    atomic.write_json(done, stats)
-    return stats
 
 
 def _encoder(path: Path, eos_token: str, max_piece_chars: int) -> DocumentEncoder:
