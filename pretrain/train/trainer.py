@@ -76,7 +76,10 @@ class TrainingData:
         self.sources = sources
         length = sample_length(cfg)
         self.train = build_train_samples(sources, length, cfg.train.seed)
-        self.valid = build_validation_samples(sources, length, cfg.train.seed)
+        # data prepared without a validation split trains when validation is off
+        self.valid = (
+            build_validation_samples(sources, length, cfg.train.seed) if cfg.eval.interval else None
+        )
         self.cfg, self.data_rank = cfg, data_rank
         # the tokenizer is the same for every source (checked)
         tokenizer_file = Path(sources[0][0]) / "tokenizer.json"

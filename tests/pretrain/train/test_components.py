@@ -552,3 +552,31 @@ def test_encoder_decoder_formula_matches_torch_flop_counter(feed_forward, one_pr
         net(inputs, outputs, targets).backward()
     measured = counter.get_total_flops() / (batch * encoder)
     assert measured == pytest.approx(flops_per_token(model, encoder, 1, decoder), rel=1e-9)
+
+
+# ---------------------------------------------------------------- training data
+
+
+def test_data_without_a_validation_split_trains_only_with_validation_off(data, tmp_path):
+    """A data directory prepared with validation_fraction 0 has no 'valid' shards: a run with
+    eval.interval 0 reads it; one that validates is refused in one line."""
+    import shutil
+
+    from data_pipeline.errors import KilnError
+    from pretrain.config import resolve_run
+    from pretrain.train.trainer import TrainingData
+
+    train_only = tmp_path / "train_only"
+    shutil.copytree(data, train_only)
+    manifest = json.loads((train_only / "manifest.json").read_text())
+    manifest["shards"] = [s for s in manifest["shards"] if s["split"] == "train"]
+    (train_only / "manifest.json").write_text(json.dumps(manifest))
+
+    def config(interval: int):
+        overrides = [f"data.path={train_only}", f"eval.interval={interval}"]
+        return resolve_run(load_config(CONFIGS / "train" / "tiny.yaml", overrides))
+
+    batches = TrainingData(config(0), data_rank=0).batches(0)
+    assert len(batches) >= 1 and batches[0][0].numel() > 0
+    with pytest.raises(KilnError, match="lists no shards of split 'valid'"):
+        TrainingData(config(5), data_rank=0)
